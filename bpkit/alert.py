@@ -1,0 +1,46 @@
+"""The one record every bpkit monitor produces when it finds a problem."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ALERT_KINDS = ("vanishing", "exploding", "nonfinite", "spike", "dead", "saturated", "gradcheck")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A problem found by a bpkit monitor, in plain words.
+
+    Args:
+        kind: one of ``vanishing, exploding, nonfinite, spike, dead, saturated, gradcheck``.
+        step: the optimizer step (``trainer.global_step``) at which it was seen.
+        where: parameter or module name(s) as in ``named_parameters()``/``named_modules()``;
+            several names are joined with ``", "``.
+        value: the measured value that triggered the alert.
+        threshold: the threshold it crossed.
+        message: one plain sentence saying what is wrong and what to try.
+
+    Example::
+
+        >>> a = Alert("nonfinite", 12, "blocks.3.linear.weight", float("nan"), 0.0, "NaN gradient")
+        >>> a.kind, a.where
+        ('nonfinite', 'blocks.3.linear.weight')
+    """
+
+    kind: str
+    step: int
+    where: str
+    value: float
+    threshold: float
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ALERT_KINDS:
+            raise ValueError(f"Alert kind={self.kind!r} is invalid; expected one of {', '.join(ALERT_KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"[bpkit {self.kind} @ step {self.step}] {self.message}"

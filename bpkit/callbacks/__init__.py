@@ -1,0 +1,26 @@
+"""Lightning callbacks: thin adapters over bpkit's pure-torch engines.
+
+Example::
+
+    from lightning.pytorch import Trainer
+    from bpkit.callbacks import GradientMonitor, ActivationMonitor, GradientClipping
+
+    trainer = Trainer(callbacks=[GradientMonitor(), ActivationMonitor(), GradientClipping("zclip")])
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "GradientMonitor": "bpkit.callbacks.gradient_monitor",
+    "ActivationMonitor": "bpkit.callbacks.activation_monitor",
+    "GradientClipping": "bpkit.callbacks.gradient_clipping",
+    "GradientCheck": "bpkit.callbacks.gradient_check",
+    "RunSummary": "bpkit.callbacks.run_summary",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bpkit.callbacks' has no attribute {name!r}")

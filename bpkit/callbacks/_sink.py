@@ -1,0 +1,135 @@
+"""The one output path of every bpkit callback.
+
+A callback reads its statistics back to the host once per log interval and hands plain Python
+numbers and numpy histograms to :func:`log_scalars`, :func:`log_histograms` and
+:func:`log_alert`. These fan out to every logger of the Trainer (scalars to any logger,
+histograms to W&B and TensorBoard) and append to the local run record
+(``<log dir>/bpkit_record.jsonl``) that ``bpkit-report`` reads. Only rank 0 writes. A logger that
+raises (W&B unreachable, disk full) never stops training: the problem is warned about once and
+that logger is skipped for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+from bpkit.alert import Alert
+
+RECORD_NAME = "bpkit_record.jsonl"
+_broken: set[int] = set()
+
+
+def _is_rank_zero(trainer: Any) -> bool:
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def record_path(trainer: Any) -> str:
+    """Where this run's local record lives: the logger's directory, else ``default_root_dir``."""
+    base = None
+    try:
+        base = trainer.log_dir
+    except Exception:  # some loggers have no directory
+        base = None
+    return os.path.join(base or trainer.default_root_dir, RECORD_NAME)
+
+
+def _safe(trainer: Any, target: Any, what: str, fn) -> None:
+    if id(target) in _broken:
+        return
+    try:
+        fn()
+    except Exception as exc:  # a broken logger must not kill training
+        _broken.add(id(target))
+        warnings.warn(f"bpkit: {what} failed and is skipped for the rest of the run: {exc!r}", RuntimeWarning,
+                      stacklevel=3)
+
+
+def _append_record(trainer: Any, entry: dict[str, Any]) -> None:
+    path = record_path(trainer)
+
+    def write() -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, allow_nan=True) + "\n")
+            f.flush()
+
+    _safe(trainer, ("record", path), f"writing the bpkit record {path}", write)
+
+
+def log_scalars(trainer: Any, metrics: dict[str, float], step: int) -> None:
+    """Send host-side scalars to every logger and to the run record."""
+    if not metrics or not _is_rank_zero(trainer):
+        return
+    clean = {k: float(v) for k, v in metrics.items()}
+    for logger in getattr(trainer, "loggers", []):
+        _safe(trainer, logger, f"{type(logger).__name__}.log_metrics", lambda lg=logger: lg.log_metrics(clean, step))
+    _append_record(trainer, {"type": "scalars", "step": int(step), "data": clean})
+
+
+def log_histograms(trainer: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]], step: int) -> None:
+    """Send histograms ``{key: (counts, edges)}`` (len(edges) == len(counts) + 1) to loggers and the record."""
+    if not hists or not _is_rank_zero(trainer):
+        return
+    for logger in getattr(trainer, "loggers", []):
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            _safe(trainer, logger, "W&B histogram logging", lambda lg=logger: _wandb_histograms(lg, hists, step))
+        elif name == "TensorBoardLogger":
+            _safe(trainer, logger, "TensorBoard histogram logging", lambda lg=logger: _tb_histograms(lg, hists, step))
+    _append_record(trainer, {
+        "type": "histograms", "step": int(step),
+        "data": {k: {"counts": np.asarray(c).tolist(), "edges": np.asarray(e).tolist()} for k, (c, e) in hists.items()},
+    })
+
+
+def log_alert(trainer: Any, alert: Alert) -> None:
+    """Warn with the alert's plain message and write it to the run record (rank 0 only)."""
+    if not _is_rank_zero(trainer):
+        return
+    warnings.warn(str(alert), UserWarning, stacklevel=3)
+    _append_record(trainer, {"type": "alert", "step": int(alert.step), "data": alert.to_dict()})
+
+
+def log_record(trainer: Any, entry_type: str, step: int, data: dict[str, Any]) -> None:
+    """Append any other JSON-serialisable entry (gradient-check tables, run metadata) to the record."""
+    if _is_rank_zero(trainer):
+        _append_record(trainer, {"type": entry_type, "step": int(step), "data": data})
+
+
+def _finite_edges(edges: np.ndarray) -> np.ndarray:
+    e = np.asarray(edges, dtype=np.float64).copy()
+    if not math.isfinite(e[0]):
+        e[0] = e[1] - (e[2] - e[1] if len(e) > 2 else 1.0)
+    if not math.isfinite(e[-1]):
+        e[-1] = e[-2] + (e[-2] - e[-3] if len(e) > 2 else 1.0)
+    return e
+
+
+def _wandb_histograms(logger: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]], step: int) -> None:
+    import wandb
+
+    payload: dict[str, Any] = {
+        k: wandb.Histogram(np_histogram=(np.asarray(c, dtype=np.float64), _finite_edges(e))) for k, (c, e) in hists.items()
+    }
+    payload["trainer/global_step"] = step
+    logger.experiment.log(payload)
+
+
+def _tb_histograms(logger: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]], step: int) -> None:
+    writer = logger.experiment
+    for key, (counts, edges) in hists.items():
+        counts = np.asarray(counts, dtype=np.float64)
+        edges = _finite_edges(edges)
+        num = counts.sum()
+        if num <= 0:
+            continue
+        centers = (edges[:-1] + edges[1:]) / 2
+        writer.add_histogram_raw(key, min=float(edges[0]), max=float(edges[-1]), num=int(num),
+                                 sum=float((centers * counts).sum()), sum_squares=float((centers**2 * counts).sum()),
+                                 bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step)

@@ -1,0 +1,52 @@
+"""One error type for bad input, with messages that name the key, the value and what is accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class BpkitConfigError(ValueError):
+    """Bad configuration or argument.
+
+    The message always names the key, the bad value and the accepted values, e.g.
+    ``model.depth=-1 is invalid: expected an integer >= 1``.
+    """
+
+    def __init__(self, key: str, value: Any, expected: str) -> None:
+        self.key = key
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{key}={value!r} is invalid: expected {expected}")
+
+    def with_prefix(self, prefix: str) -> "BpkitConfigError":
+        """The same error with its key qualified, e.g. ``depth`` -> ``model.depth``."""
+        return BpkitConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.expected)
+
+
+def check_choice(key: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise BpkitConfigError(key, value, "one of " + ", ".join(choices))
+    return value
+
+
+def check_int(key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BpkitConfigError(key, value, f"an integer >= {minimum}")
+    return value
+
+
+def check_float(key: str, value: Any, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True, high_inclusive: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        lo = "" if low is None else (f">= {low}" if low_inclusive else f"> {low}")
+        hi = "" if high is None else (f"<= {high}" if high_inclusive else f"< {high}")
+        rng = " and ".join(s for s in (lo, hi) if s)
+        raise BpkitConfigError(key, value, f"a number {rng}".strip())
+    return float(value)
