@@ -1,0 +1,71 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bpkit.errors import BpkitConfigError
+from bpkit.train import build
+from tests._hydra import compose_train, options
+
+# a model that fits each data set, and a data set that fits each model
+MODEL_FOR_DATA = {"digits": [], "regression": [], "multilabel": [], "adding": ["model=rnn"],
+                  "copy": ["model=rnn", "model.output=all"], "charlm": ["model=rnn", "model.output=all"]}
+DATA_FOR_MODEL = {"mlp": [], "resnet": [], "rnn": ["data=adding"]}
+
+
+def _cases():
+    cases = []
+    for group in ("optimizer", "scheduler", "callbacks", "clipping", "logger", "trainer"):
+        cases += [[f"{group}={name}"] for name in options(group)]
+    cases += [[f"data={name}"] + MODEL_FOR_DATA[name] for name in options("data")]
+    cases += [[f"model={name}"] + DATA_FOR_MODEL[name] for name in options("model")]
+    cases += [[f"recipe={name}"] for name in options("recipe")]
+    return cases
+
+
+@pytest.mark.parametrize("overrides", _cases(), ids=lambda o: " ".join(o))
+def test_every_config_composes_and_instantiates(overrides, tmp_path):
+    cfg = compose_train(overrides, str(tmp_path))
+    OmegaConf.resolve(cfg)
+    if overrides == ["trainer=gpu"] and not torch.cuda.is_available():
+        with pytest.raises(BpkitConfigError, match=r"trainer='lightning.pytorch.Trainer'.*(No supported gpu backend|not available|CUDA)"):
+            build(cfg)
+        return
+    parts = build(cfg)
+    task, dm = parts["task"], parts["datamodule"]
+    x, y = next(iter(dm.train_dataloader()))
+    loss = task.compute_loss(task(x), y)
+    assert torch.isfinite(loss)
+    assert parts["trainer"] is not None
+
+
+def test_callbacks_are_a_keyed_dict_that_can_lose_one(tmp_path):
+    cfg = compose_train([], str(tmp_path))
+    assert "checkpoint" in cfg.callbacks and "lr_monitor" in cfg.callbacks
+    cfg = compose_train(["~callbacks.lr_monitor"], str(tmp_path))
+    assert "lr_monitor" not in cfg.callbacks and "checkpoint" in cfg.callbacks
+
+
+def test_recipe_is_global_and_overridable(tmp_path):
+    cfg = compose_train(["recipe=vanishing_depth", "model.depth=6"], str(tmp_path))
+    assert cfg.model.activation == "sigmoid" and cfg.model.depth == 6 and cfg.group == "vanishing_depth"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.depth=-1"], r"model\.depth=-1 is invalid: expected an integer >= 1"),
+    (["model.width=0"], r"model\.width=0 is invalid"),
+    (["model=rnn", "data=adding", "model.hidden_size=0"], r"model\.hidden_size=0"),
+    (["model.activation=swish"], r"model\.activation='swish'.*relu, leaky_relu, gelu, tanh, sigmoid"),
+    (["task.loss=bce"], r"task\.loss='bce'.*multiclass targets with 10 classes: cross_entropy"),
+    (["task.loss=hinge"], r"task\.loss='hinge'.*mse, mae, bce, cross_entropy, multilabel_bce"),
+    (["data=charlm", "model=rnn", "model.output=all", "data.text_file=/nonexistent/t.txt"],
+     r"data\.text_file='/nonexistent/t.txt'.*existing"),
+    (["model=resnet", "data=adding"], r"model='ResNet'.*takes 'image' inputs"),
+    (["data=copy", "model=rnn"], r"model\.output='last'.*all"),
+    (["optimizer.lr=-0.1"], r"optimizer=.*lr.*-0\.1"),
+    (["data.batch_size=0"], r"data\.batch_size=0"),
+    (["seed=-5"], r"seed=-5"),
+])
+def test_bad_configs_fail_early_naming_key_and_value(overrides, match, tmp_path):
+    cfg = compose_train(overrides, str(tmp_path))
+    with pytest.raises(BpkitConfigError, match=match):
+        build(cfg)

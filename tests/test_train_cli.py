@@ -1,0 +1,68 @@
+"""Real subprocess runs of `bpkit-train`, as a user runs it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def bpkit_train(args, cwd, timeout=300):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, "-m", "bpkit.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _offline_runs(run_dir: Path):
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["model=rnn", "data=adding", "model.cell=lstm", "data.seq_len=20", "data.num_train=256"],
+    ["model=resnet", "model.depth=2", "model.width=8"],
+], ids=["mlp-digits", "lstm-adding", "resnet-digits"])
+def test_train_runs_and_logs_to_wandb_offline(extra, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = bpkit_train([*FAST, *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = [ln for ln in proc.stdout.splitlines() if ln.startswith("bpkit: ")]
+    assert summary and "val/loss=" in summary[-1] and f"run: {run_dir}" in summary[-1]
+    assert "wandb leet" in summary[-1] and "wandb sync" in summary[-1]
+    runs = _offline_runs(run_dir)
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_multirun_gives_separate_wandb_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = bpkit_train(["-m", *FAST, "model.depth=2,3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    run_ids = set()
+    for job in jobs:
+        runs = _offline_runs(job)
+        assert len(runs) == 1, f"job {job.name} should hold exactly one W&B run"
+        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
+    assert len(run_ids) == 2
+    assert proc.stdout.count("bpkit: val/acc=") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=transformer"], "Could not find 'model/transformer'"),
+    (["model.depth=-1"], "bpkit-train: error: model.depth=-1 is invalid: expected an integer >= 1"),
+    (["task.loss=bce"], "bpkit-train: error: task.loss='bce' is invalid"),
+])
+def test_bad_input_fails_clearly_and_leaves_no_run(args, message, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = bpkit_train([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
