@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +44,10 @@ class BackpropTask(pl.LightningModule):
         loss: mse, mae, bce (binary), cross_entropy (multi-class, also per time step) or multilabel_bce.
         optimizer: a callable taking the parameters (``functools.partial(torch.optim.SGD, lr=0.1)``,
             or a Hydra ``_partial_`` config); default Adam(lr=1e-3).
-        scheduler: optional callable taking the optimizer; stepped every ``scheduler_interval``.
+        scheduler: a schedule by name (``"warmup_cosine"``), a dict ``{"name": ..., "interval": "step"|"epoch",
+            "monitor": ..., **options}`` for :func:`bpkit.schedules.build_scheduler` (total steps come from
+            the Trainer), or any callable taking the optimizer; default constant. The LR (and momentum)
+            is logged as ``lr/<optimizer>`` by Lightning's ``LearningRateMonitor``.
         metrics: names from acc, f1, mse, mae, computed with torchmetrics on train and val.
         num_classes: classes for multi-class metrics (labels for multi-label ones).
 
@@ -59,7 +63,7 @@ class BackpropTask(pl.LightningModule):
 
     def __init__(self, model: nn.Module, loss: str = "cross_entropy",
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+                 scheduler: str | dict[str, Any] | Callable[[torch.optim.Optimizer], Any] | None = None,
                  metrics: Sequence[str] = ("acc",), num_classes: int | None = None,
                  scheduler_interval: str = "step", scheduler_monitor: str = "val/loss") -> None:
         super().__init__()
@@ -141,11 +145,36 @@ class BackpropTask(pl.LightningModule):
         return self._shared_step(batch, self.test_metrics, "test")
 
     def configure_optimizers(self) -> Any:
+        from bpkit.schedules import NEEDS_TOTAL, build_scheduler
+
         optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        spec = self.scheduler_factory
+        interval, monitor = self.scheduler_interval, self.scheduler_monitor
+        if spec is None or isinstance(spec, (str, dict)):
+            spec = {"name": spec} if isinstance(spec, str) else dict(spec or {"name": "constant"})
+            name = spec.pop("name", "constant")
+            interval = spec.pop("interval", interval)
+            monitor = spec.pop("monitor", monitor)
+            if name in NEEDS_TOTAL and spec.get("total_steps") is None:
+                spec["total_steps"] = total_scheduler_steps(self.trainer, interval)
+            scheduler = build_scheduler(optimizer, name, **spec)
+        else:
+            scheduler = spec(optimizer)
+        config = {"scheduler": scheduler, "interval": interval, "name": f"lr/{type(optimizer).__name__.lower()}"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = self.scheduler_monitor
+            config["monitor"] = monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def total_scheduler_steps(trainer: Any, interval: str) -> int:
+    """How many times the scheduler will step: optimizer steps (``estimated_stepping_batches``) or epochs."""
+    if interval == "epoch":
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            raise BpkitConfigError("trainer.max_epochs", trainer.max_epochs, "a positive number of epochs for an "
+                                   "epoch-interval schedule that needs the run's length (or set scheduler.total_steps)")
+        return int(trainer.max_epochs)
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise BpkitConfigError("trainer.max_steps", trainer.max_steps, "a finite run (max_steps or max_epochs) for a "
+                               "schedule that needs the run's length (or set scheduler.total_steps)")
+    return int(total)

@@ -77,6 +77,10 @@ def _fill_model_kwargs(model_cfg: DictConfig, shapes: dict[str, Any]) -> dict[st
 
 def _check_config(cfg: DictConfig) -> None:
     check_int("seed", cfg.seed, minimum=0)
+    if cfg.get("lr_find"):
+        from bpkit.lr_find import check_options
+
+        check_options(**OmegaConf.to_container(cfg.lr_finder, resolve=True))
     for key in ("model", "data", "optimizer"):
         if not isinstance(cfg.get(key), DictConfig) or "_target_" not in cfg[key]:
             raise BpkitConfigError(key, OmegaConf.to_container(cfg.get(key)), "a config group choice with _target_")
@@ -90,6 +94,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
+    from bpkit.schedules import check_schedule_spec
     from bpkit.task import BackpropTask, check_loss_fits
 
     _check_config(cfg)
@@ -117,12 +122,18 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         optimizer([torch.nn.Parameter(torch.zeros(1))])
     except Exception as exc:
         raise BpkitConfigError("optimizer", OmegaConf.to_container(cfg.optimizer), f"valid arguments: {exc}") from None
-    scheduler = _instantiate("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
+    scheduler: Any = None
+    if cfg.get("scheduler"):
+        if "_target_" in cfg.scheduler:  # any torch scheduler as a _partial_ config
+            scheduler = _instantiate("scheduler", cfg.scheduler)
+        else:  # a bpkit schedule by name (bpkit.schedules)
+            scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
     num_classes = shapes.get("num_classes") or shapes.get("num_labels")
-    task = _instantiate("task", OmegaConf.create({"_target_": "bpkit.task.BackpropTask"}), model=model, loss=loss,
-                        optimizer=optimizer, scheduler=scheduler, metrics=list(metrics), num_classes=num_classes,
-                        scheduler_interval=cfg.task.scheduler_interval)
-    assert isinstance(task, BackpropTask)
+    try:
+        task = BackpropTask(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, metrics=list(metrics),
+                            num_classes=num_classes, scheduler_interval=cfg.task.scheduler_interval)
+    except BpkitConfigError as err:
+        raise err.with_prefix("task") from None
 
     callbacks = [_instantiate(f"callbacks.{name}", node) for name, node in (cfg.get("callbacks") or {}).items()
                  if node is not None]
@@ -130,8 +141,28 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(_instantiate("clipping", cfg.clipping))
     logger = _instantiate("logger", cfg.logger) if cfg.get("logger") else False
     trainer = _instantiate("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
+    if isinstance(scheduler, dict):
+        interval = scheduler.get("interval", cfg.task.scheduler_interval)
+        check_schedule_spec(scheduler, total_steps=estimate_total_steps(trainer, datamodule, interval))
     monitor = cfg.monitor if cfg.monitor != "auto" else ("val/acc" if "acc" in metrics else "val/loss")
     return {"datamodule": datamodule, "task": task, "trainer": trainer, "monitor": monitor, "loss": loss}
+
+
+def estimate_total_steps(trainer: Any, datamodule: Any, interval: str) -> int | None:
+    """The run's length in scheduler steps, known before fit (for early schedule validation)."""
+    if interval == "epoch":
+        return trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    if not trainer.max_epochs or trainer.max_epochs < 0:
+        return None
+    batches = len(datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    if isinstance(limit, float):
+        batches = int(batches * limit)
+    elif isinstance(limit, int):
+        batches = min(batches, limit)
+    return int(trainer.max_epochs * math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 def _summary(trainer: Any, run_dir: str) -> str:
@@ -175,6 +206,8 @@ def run(cfg: DictConfig) -> float:
         raise err
     trainer, task, datamodule = parts["trainer"], parts["task"], parts["datamodule"]
     try:
+        if cfg.get("lr_find"):
+            _run_lr_find(cfg, trainer, task, datamodule, run_dir)
         trainer.fit(task, datamodule=datamodule)
         if cfg.get("test_after_fit"):
             trainer.test(task, datamodule=datamodule)
@@ -185,6 +218,22 @@ def run(cfg: DictConfig) -> float:
         return result
     finally:
         _finish_wandb()
+
+
+def _run_lr_find(cfg: DictConfig, trainer: Any, task: Any, datamodule: Any, run_dir: str) -> None:
+    from bpkit.callbacks._sink import log_image
+    from bpkit.lr_find import find_lr
+
+    opts = cfg.lr_finder
+    result = find_lr(trainer, task, datamodule, min_lr=opts.min_lr, max_lr=opts.max_lr, num_steps=opts.num_steps,
+                     early_stop_threshold=opts.early_stop_threshold, rule=opts.rule, out_dir=run_dir,
+                     apply=opts.apply)
+    print(result.explain(), flush=True)
+    if result.plot_path:
+        print(f"LR range test plot: {result.plot_path}", flush=True)
+        log_image(trainer, "lr_find/plot", result.plot_path, step=0, caption=result.explain())
+    if opts.apply and result.suggestion is not None:
+        print(f"training with the suggested lr={result.suggestion:.2e}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -133,3 +133,24 @@ def _tb_histograms(logger: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]],
         writer.add_histogram_raw(key, min=float(edges[0]), max=float(edges[-1]), num=int(num),
                                  sum=float((centers * counts).sum()), sum_squares=float((centers**2 * counts).sum()),
                                  bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step)
+
+
+def log_image(trainer: Any, key: str, path: str, step: int = 0, caption: str | None = None) -> None:
+    """Log a saved PNG (a plot) to the loggers that show images (W&B, TensorBoard) and note it in the record."""
+    if not _is_rank_zero(trainer):
+        return
+    for logger in getattr(trainer, "loggers", []):
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            _safe(trainer, logger, "W&B image logging",
+                  lambda lg=logger: lg.log_image(key=key, images=[path], step=step,
+                                                 caption=[caption] if caption else None))
+        elif name == "TensorBoardLogger":
+            def tb(lg=logger) -> None:
+                import matplotlib.image as mpimg
+
+                img = mpimg.imread(path)
+                lg.experiment.add_image(key, img[..., :3], global_step=step, dataformats="HWC")
+
+            _safe(trainer, logger, "TensorBoard image logging", tb)
+    _append_record(trainer, {"type": "image", "step": int(step), "data": {"key": key, "path": str(path)}})
