@@ -39,14 +39,20 @@ class LRFindResult:
     rule: str
     others: dict[str, float | None] = field(default_factory=dict)
     plot_path: str | None = None
+    requested_steps: int | None = None
 
     def explain(self) -> str:
+        short = ""
+        if self.requested_steps and len(self.lrs) < self.requested_steps:
+            short = (f" [ran {len(self.lrs)} of {self.requested_steps} steps: the loss diverged, or the run is "
+                     f"shorter than the sweep (max_epochs x batches per epoch)]")
         if self.suggestion is None:
-            return "LR range test: no suggestion (the loss never decreased; widen min_lr/max_lr or add steps)"
+            return ("LR range test: no suggestion (too few steps, or the loss never decreased; widen "
+                    "lr_finder.min_lr/max_lr or add steps)" + short)
         alt = ", ".join(f"{k}: {v:.2e}" for k, v in self.others.items() if v is not None and k != self.rule)
         return (f"LR range test: suggested lr={self.suggestion:.2e} (rule {self.rule}: {RULE_TEXT[self.rule]}; "
                 f"{len(self.lrs)} steps from {self.lrs[0]:.1e} to {self.lrs[-1]:.1e}"
-                + (f"; other rules: {alt}" if alt else "") + ")")
+                + (f"; other rules: {alt}" if alt else "") + ")" + short)
 
 
 def suggest(lrs: list[float], losses: list[float], rule: str, skip_begin: int = 10, skip_end: int = 1) -> float | None:
@@ -128,10 +134,11 @@ def find_lr(trainer: Any, task: Any, datamodule: Any = None, *, min_lr: float = 
     finder = Tuner(trainer).lr_find(task, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
                                     num_training=num_steps, mode="exponential",
                                     early_stop_threshold=early_stop_threshold, update_attr=False)
-    lrs = [float(v) for v in finder.results["lr"]]
-    losses = [float(v) for v in finder.results["loss"]]
+    results = getattr(finder, "results", None) or {"lr": [], "loss": []}
+    lrs = [float(v) for v in results["lr"]]
+    losses = [float(v) for v in results["loss"]]
     others = {r: suggest(lrs, losses, r) for r in RULES}
-    result = LRFindResult(lrs, losses, others[rule], rule, others)
+    result = LRFindResult(lrs, losses, others[rule], rule, others, requested_steps=num_steps)
     if out_dir is not None and lrs:
         result.plot_path = plot_lr_find(result, Path(out_dir) / "lr_find.png")
     if apply and result.suggestion is not None:

@@ -64,6 +64,10 @@ def test_recipe_is_global_and_overridable(tmp_path):
     (["optimizer.lr=-0.1"], r"optimizer=.*lr.*-0\.1"),
     (["data.batch_size=0"], r"data\.batch_size=0"),
     (["seed=-5"], r"seed=-5"),
+    (["scheduler=warmup_cosine", "scheduler.warmup_ratio=null", "scheduler.warmup_steps=100000"],
+     r"scheduler\.warmup_steps=100000.*fewer warm-up steps than the 500 steps"),
+    (["scheduler=cosine", "scheduler.min_lr_ratio=2"], r"scheduler\.min_lr_ratio=2"),
+    (["lr_find=true", "lr_finder.rule=valley"], r"lr_finder\.rule='valley'"),
 ])
 def test_bad_configs_fail_early_naming_key_and_value(overrides, match, tmp_path):
     cfg = compose_train(overrides, str(tmp_path))

@@ -160,3 +160,18 @@ def test_total_steps_come_from_the_trainer_and_lr_resumes_exactly(tmp_path):
     assert min(resumed) == 12
     for step, lr in resumed.items():
         assert lr == pytest.approx(reference[step], rel=1e-12), step
+
+
+def test_lr_and_momentum_logged_under_lr_prefix(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from bpkit.data import DigitsDataModule
+
+    logger = CSVLogger(tmp_path)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=logger, log_every_n_steps=1, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[LearningRateMonitor(logging_interval="step", log_momentum=True)])
+    trainer.fit(_task("onecycle"), datamodule=DigitsDataModule())
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "lr/sgd" in header and "lr/sgd-momentum" in header

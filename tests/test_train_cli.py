@@ -66,3 +66,15 @@ def test_bad_input_fails_clearly_and_leaves_no_run(args, message, tmp_path):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()
+
+
+def test_lr_find_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = bpkit_train(["trainer.max_epochs=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+                        "lr_find=true", "lr_finder.num_steps=30", "scheduler=warmup_cosine",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LR range test: suggested lr=" in proc.stdout and "rule min_div10" in proc.stdout
+    assert (run_dir / "lr_find.png").stat().st_size > 10_000
+    media = list(_offline_runs(run_dir)[0].glob("files/media/images/lr_find/*.png"))
+    assert media, "the plot is logged to W&B as an image"
