@@ -205,6 +205,9 @@ def run(cfg: DictConfig) -> float:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise err
     trainer, task, datamodule = parts["trainer"], parts["task"], parts["datamodule"]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:  # the resolved config becomes the W&B run config
+        logger.log_hyperparams(resolved)
     try:
         if cfg.get("lr_find"):
             _run_lr_find(cfg, trainer, task, datamodule, run_dir)

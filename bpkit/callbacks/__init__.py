@@ -15,7 +15,7 @@ _EXPORTS = {
     "ActivationMonitor": "bpkit.callbacks.activation_monitor",
     "GradientClipping": "bpkit.callbacks.gradient_clipping",
     "GradientCheck": "bpkit.callbacks.gradient_check",
-    "RunSummary": "bpkit.callbacks.run_summary",
+    "RunRecord": "bpkit.callbacks.run_record",
 }
 __all__ = list(_EXPORTS)
 
