@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ def _sweep_dir(config: DictConfig) -> Path:
 
 
 class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self._started: dict[int, float] = {}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job = config.hydra.job.get("num", None) if "hydra" in config else None
+        if job is not None:
+            self._started[int(job)] = time.time()
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         path = _sweep_dir(config) / SUMMARY_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +51,8 @@ class SweepSummary(Callback):
             "overrides": list(job_return.overrides or []),
             "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed",
             "dir": str(hydra_cfg.runtime.output_dir),
+            "start": self._started.pop(int(hydra_cfg.job.num), None),
+            "end": time.time(),
         }
         if job_return.status == JobStatus.COMPLETED:
             value = job_return._return_value

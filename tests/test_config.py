@@ -26,7 +26,7 @@ def _cases():
 def test_every_config_composes_and_instantiates(overrides, tmp_path):
     cfg = compose_train(overrides, str(tmp_path))
     OmegaConf.resolve(cfg)
-    if overrides == ["trainer=gpu"] and not torch.cuda.is_available():
+    if overrides in (["trainer=gpu"], ["recipe=mixed_precision"]) and not torch.cuda.is_available():
         with pytest.raises(BpkitConfigError, match=r"trainer='lightning.pytorch.Trainer'.*(No supported gpu backend|not available|CUDA)"):
             build(cfg)
         return
