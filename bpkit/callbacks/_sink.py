@@ -30,12 +30,18 @@ def _is_rank_zero(trainer: Any) -> bool:
 
 
 def record_path(trainer: Any) -> str:
-    """Where this run's local record lives: the logger's directory, else ``default_root_dir``."""
+    """Where this run's local record lives: the first logger's directory, else ``default_root_dir``.
+
+    Not ``trainer.log_dir``: that broadcasts (a collective) and only rank 0 gets here.
+    """
+    loggers = getattr(trainer, "loggers", None) or []
     base = None
-    try:
-        base = trainer.log_dir
-    except Exception:  # some loggers have no directory
-        base = None
+    if loggers:
+        first = loggers[0]
+        if type(first).__name__ in ("CSVLogger", "TensorBoardLogger"):
+            base = getattr(first, "log_dir", None)
+        else:
+            base = getattr(first, "save_dir", None)
     return os.path.join(base or trainer.default_root_dir, RECORD_NAME)
 
 
