@@ -129,9 +129,23 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         else:  # a bpkit schedule by name (bpkit.schedules)
             scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
     num_classes = shapes.get("num_classes") or shapes.get("num_labels")
+    task_kwargs = dict(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, metrics=list(metrics),
+                       num_classes=num_classes, scheduler_interval=cfg.task.scheduler_interval)
+    tbptt = cfg.task.get("tbptt_steps")
     try:
-        task = BackpropTask(model=model, loss=loss, optimizer=optimizer, scheduler=scheduler, metrics=list(metrics),
-                            num_classes=num_classes, scheduler_interval=cfg.task.scheduler_interval)
+        if tbptt is not None:
+            if input_kind != "sequence":
+                raise BpkitConfigError("tbptt_steps", tbptt, "null for a model that does not read sequences "
+                                       f"({cfg.model._target_.rsplit('.', 1)[-1]})")
+            from bpkit.tbptt import TBPTTTask
+
+            task = TBPTTTask(**task_kwargs, truncated_bptt_steps=tbptt,
+                             backprop_steps=cfg.task.get("tbptt_backprop_steps"),
+                             accumulate_chunks=cfg.task.get("tbptt_accumulate_chunks", 1),
+                             carry_hiddens=cfg.task.get("tbptt_carry_hiddens", False),
+                             scheduler_per=cfg.task.get("tbptt_scheduler_per", "chunk"))
+        else:
+            task = BackpropTask(**task_kwargs)
     except BpkitConfigError as err:
         raise err.with_prefix("task") from None
 
@@ -143,7 +157,14 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     trainer = _instantiate("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
     if isinstance(scheduler, dict):
         interval = scheduler.get("interval", cfg.task.scheduler_interval)
-        check_schedule_spec(scheduler, total_steps=estimate_total_steps(trainer, datamodule, interval))
+        total = estimate_total_steps(trainer, datamodule, interval)
+        if total is not None and tbptt is not None and interval == "step" and \
+                cfg.task.get("tbptt_scheduler_per", "chunk") == "chunk" and \
+                datamodule.target_kind == "sequence_multiclass":
+            length = getattr(datamodule, "seq_len", None) or getattr(datamodule, "window", None)
+            if isinstance(length, int):  # one optimizer step per chunk (group of accumulated chunks)
+                total *= -(-(-(-length // tbptt)) // cfg.task.get("tbptt_accumulate_chunks", 1))
+        check_schedule_spec(scheduler, total_steps=total)
     monitor = cfg.monitor if cfg.monitor != "auto" else ("val/acc" if "acc" in metrics else "val/loss")
     return {"datamodule": datamodule, "task": task, "trainer": trainer, "monitor": monitor, "loss": loss}
 

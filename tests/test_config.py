@@ -8,7 +8,8 @@ from tests._hydra import compose_train, options
 
 # a model that fits each data set, and a data set that fits each model
 MODEL_FOR_DATA = {"digits": [], "regression": [], "multilabel": [], "adding": ["model=rnn"],
-                  "copy": ["model=rnn", "model.output=all"], "charlm": ["model=rnn", "model.output=all"]}
+                  "copy": ["model=rnn", "model.output=all"], "charlm": ["model=rnn", "model.output=all"],
+                  "streaming_text": ["model=rnn", "model.output=all"]}
 DATA_FOR_MODEL = {"mlp": [], "resnet": [], "rnn": ["data=adding"]}
 
 
@@ -68,6 +69,8 @@ def test_recipe_is_global_and_overridable(tmp_path):
      r"scheduler\.warmup_steps=100000.*fewer warm-up steps than the 500 steps"),
     (["scheduler=cosine", "scheduler.min_lr_ratio=2"], r"scheduler\.min_lr_ratio=2"),
     (["lr_find=true", "lr_finder.rule=valley"], r"lr_finder\.rule='valley'"),
+    (["task.tbptt_steps=10"], r"task\.tbptt_steps=10.*does not read sequences"),
+    (["model=rnn", "data=adding", "task.tbptt_steps=0"], r"tbptt_steps=0|truncated_bptt_steps=0"),
 ])
 def test_bad_configs_fail_early_naming_key_and_value(overrides, match, tmp_path):
     cfg = compose_train(overrides, str(tmp_path))

@@ -76,7 +76,8 @@ def test_slurm_and_joblib_launchers_and_optuna_compose():
 
 
 @pytest.mark.parametrize("recipe", ["vanishing_depth", "exploding_rnn", "long_range", "optimizers", "lr_schedules",
-                                    "resnet_depth", "gradcheck", "mixed_precision"])
+                                    "resnet_depth", "gradcheck", "mixed_precision",
+                                    "long_range_tbptt"])
 def test_recipes_define_a_sweep_and_a_wandb_group(recipe):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

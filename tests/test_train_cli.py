@@ -25,7 +25,8 @@ def _offline_runs(run_dir: Path):
     [],
     ["model=rnn", "data=adding", "model.cell=lstm", "data.seq_len=20", "data.num_train=256"],
     ["model=resnet", "model.depth=2", "model.width=8"],
-], ids=["mlp-digits", "lstm-adding", "resnet-digits"])
+    ["recipe=long_range_tbptt", "model.hidden_size=16", "data.window=32", "clipping=zclip"],
+], ids=["mlp-digits", "lstm-adding", "resnet-digits", "tbptt-streaming"])
 def test_train_runs_and_logs_to_wandb_offline(extra, tmp_path):
     run_dir = tmp_path / "run"
     proc = bpkit_train([*FAST, *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path)

@@ -3,7 +3,8 @@
 from bpkit.data._base import TensorDataModule
 from bpkit.data.charlm import CharLMDataModule
 from bpkit.data.digits import DigitsDataModule
+from bpkit.data.streaming import StreamingTextDataModule, StreamWindows
 from bpkit.data.synthetic import AddingDataModule, CopyDataModule, MultilabelDataModule, RegressionDataModule
 
 __all__ = ["AddingDataModule", "CharLMDataModule", "CopyDataModule", "DigitsDataModule", "MultilabelDataModule",
-           "RegressionDataModule", "TensorDataModule"]
+           "RegressionDataModule", "StreamWindows", "StreamingTextDataModule", "TensorDataModule"]
