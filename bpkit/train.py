@@ -238,10 +238,21 @@ def run(cfg: DictConfig) -> float:
         value = trainer.callback_metrics.get(parts["monitor"])
         result = float(value) if value is not None else math.nan
         if trainer.is_global_zero:
+            if cfg.get("report", True):
+                _write_report(run_dir)
             print(_summary(trainer, run_dir), flush=True)
         return result
     finally:
         _finish_wandb()
+
+
+def _write_report(run_dir: str) -> None:
+    from bpkit.report import write_report
+
+    try:
+        print(f"bpkit report: {write_report(run_dir)}", flush=True)
+    except BpkitConfigError as err:  # e.g. no bpkit callback wrote a record in this run
+        log.warning("no bpkit report: %s", err)
 
 
 def _run_lr_find(cfg: DictConfig, trainer: Any, task: Any, datamodule: Any, run_dir: str) -> None:

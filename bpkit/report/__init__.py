@@ -1,0 +1,17 @@
+"""``bpkit-report``: a run's diagnosis in plain words, and its figures, as a self-contained HTML file.
+
+Example::
+
+    from bpkit.report import write_report, read_run, diagnose
+
+    path = write_report("outputs/2024-05-01/12-00-00")   # -> .../bpkit_report.html (+ PNGs)
+    for finding in diagnose(read_run("outputs/2024-05-01/12-00-00")):
+        print(finding.text())
+"""
+
+from bpkit.report.findings import NO_PROBLEMS, Finding, diagnose, summary_line
+from bpkit.report.record import RunData, find_record, read_run
+from bpkit.report.write import REPORT_NAME, is_multirun, write_multirun_report, write_report
+
+__all__ = ["NO_PROBLEMS", "REPORT_NAME", "Finding", "RunData", "diagnose", "find_record", "is_multirun", "read_run",
+           "summary_line", "write_multirun_report", "write_report"]

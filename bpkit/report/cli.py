@@ -1,0 +1,53 @@
+"""``bpkit-report RUN_DIR [--out report.html]``: write a run's (or a sweep's) report and print its path."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bpkit.errors import BpkitConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bpkit-report`` console script.
+
+    Exit status: 0 on success, 2 for a path that is no run (or an empty run), with the reason on stderr.
+
+    Example::
+
+        $ bpkit-report outputs/2024-05-01/12-00-00
+        outputs/2024-05-01/12-00-00/bpkit_report.html: No problems found
+    """
+    parser = argparse.ArgumentParser(
+        prog="bpkit-report",
+        description="Diagnose a bpkit run (or compare the jobs of a Hydra multirun sweep) and write a "
+                    "self-contained HTML report with PNG figures.")
+    parser.add_argument("run_dir", help="a run directory, its bpkit_record.jsonl, or a Hydra multirun directory")
+    parser.add_argument("--out", default=None,
+                        help="HTML file to write (default: RUN_DIR/bpkit_report.html); PNGs go to <out stem>_files/")
+    parser.add_argument("--print", dest="show", action="store_true", help="also print the findings as text")
+    args = parser.parse_args(argv)
+
+    from bpkit.report.findings import diagnose, summary_line
+    from bpkit.report.record import read_run
+    from bpkit.report.write import is_multirun, write_report
+
+    try:
+        path = write_report(args.run_dir, args.out)
+        if is_multirun(args.run_dir):
+            print(path)
+        else:
+            findings = diagnose(read_run(args.run_dir))
+            print(f"{path}: {summary_line(findings)}")
+            if args.show:
+                for f in findings:
+                    print(f.text())
+    except BpkitConfigError as err:
+        print(f"bpkit-report: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

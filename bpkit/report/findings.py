@@ -1,0 +1,394 @@
+"""Findings: a run's alerts and statistics turned into plain words, with evidence and ranked remedies."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bpkit.report.record import RunData
+
+TITLES = {
+    "crashed": "The run crashed",
+    "nonfinite": "NaN/Inf gradients or loss",
+    "exploding": "Exploding gradients",
+    "gradcheck": "Gradient check failed: a backward pass is wrong",
+    "vanishing": "Vanishing gradients",
+    "dead": "Dead units",
+    "saturated": "Saturated units",
+    "spike": "Loss or gradient-norm spikes",
+    "stalled": "The loss is not going down",
+}
+ORDER = list(TITLES)  # most urgent first
+
+
+@dataclass
+class Finding:
+    """One problem of a run.
+
+    Attributes:
+        kind: ``crashed``, ``stalled`` or an alert kind (``vanishing``, ``exploding``, ...).
+        title: a short heading.
+        summary: one or two plain sentences: what, where, since when.
+        evidence: measured facts (layers, steps, values) supporting it.
+        remedies: what to try, most promising first.
+        where: the affected parameter or module names.
+        steps: ``(first, last)`` optimizer step at which it was seen.
+    """
+
+    kind: str
+    title: str
+    summary: str
+    evidence: list[str] = field(default_factory=list)
+    remedies: list[str] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    steps: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        """The finding as plain text (console, ``wandb.alert``)."""
+        lines = [f"{self.title}: {self.summary}"]
+        lines += [f"  - {e}" for e in self.evidence]
+        lines += [f"  {i}. {r}" for i, r in enumerate(self.remedies, 1)]
+        return "\n".join(lines)
+
+
+def _split_names(where: str) -> list[str]:
+    return [w.strip() for w in str(where).split(",") if w.strip()]
+
+
+def _layer_order(run: RunData) -> list[str]:
+    """Parameter names in model order, as GradientMonitor logged them."""
+    return [k[len("grad/norm/"):] for k in run.keys("grad/norm/")]
+
+
+def _ranges(idx: list[int]) -> str:
+    idx = sorted(set(idx))
+    parts, start = [], None
+    for i, v in enumerate(idx):
+        if start is None:
+            start = v
+        if i + 1 == len(idx) or idx[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
+
+def _is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("bias")
+
+
+def describe_layers(names: list[str], order: list[str]) -> str:
+    """``"layers 1-6 of 21 (model.blocks.0.linear.weight ... model.blocks.5.linear.weight)"``; when only
+    weights are named, biases are not counted as layers."""
+    if not names:
+        return "no layer named"
+    if not any(_is_bias(n) for n in names):
+        order = [n for n in order if not _is_bias(n)]
+    shown = names if len(names) <= 4 else [names[0], names[1], "...", names[-1]]
+    listing = ", ".join(shown)
+    pos = [order.index(n) + 1 for n in names if n in order]
+    if order and len(pos) == len(names):
+        return f"layers {_ranges(pos)} of {len(order)} ({listing})"
+    return f"{len(names)} layer{'s' if len(names) != 1 else ''} ({listing})"
+
+
+def _model_has(run: RunData, *words: str) -> bool:
+    acts = " ".join(str(a) for a in run.meta.get("activations", [])).lower()
+    names = " ".join(_layer_order(run) + [a.get("where", "") for a in run.alerts]).lower()
+    model = str(run.meta.get("model", "")).lower()
+    return any(w in acts or w in names or w in model for w in words)
+
+
+def _is_rnn(run: RunData) -> bool:
+    return _model_has(run, "weight_hh", "rnn", "lstm", "gru")
+
+
+def _steps(alerts: list[dict[str, Any]]) -> tuple[int, int]:
+    s = [int(a.get("step", 0)) for a in alerts]
+    return min(s), max(s)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if math.isfinite(v) else str(v)
+
+
+def _last_values(run: RunData, prefix: str, names: list[str]) -> dict[str, float]:
+    out = {}
+    for n in names:
+        v = run.last(prefix + n)
+        if v is not None:
+            out[n] = v
+    return out
+
+
+# ------------------------------------------------------------------ one builder per kind
+
+def _vanishing(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    order = _layer_order(run)
+    names = _ordered_union(alerts, order)
+    first, last = _steps(alerts)
+    worst = min(_float(a.get("value")) for a in alerts)
+    share = "no gradient at all" if worst <= 0 else f"about {worst:.0e} of the gradient of the most-trained layer"
+    summary = f"{describe_layers(names, order)} get {share}, first seen at step {first}: these layers barely learn."
+    evidence = [f"{len(alerts)} vanishing alert(s) between steps {first} and {last}; the lowest gradient norm was "
+                f"{worst:.1e} of the largest"]
+    norms = _last_values(run, "grad/norm/", order)
+    finite = {n: v for n, v in norms.items() if math.isfinite(v) and v > 0}
+    if finite:
+        top = max(finite, key=finite.get)
+        steps, _ = run.series("grad/norm/" + top)
+        low = [n for n in names if n in finite]
+        if low:
+            lo_n = min(low, key=finite.get)
+            evidence.append(f"at step {int(steps[-1])} (last log) the gradient norm of {lo_n} is {finite[lo_n]:.2e} "
+                            f"against {finite[top]:.2e} for {top} (ratio {finite[lo_n] / finite[top]:.1e})")
+        profile = [math.log10(finite[n] / finite[top]) for n in order if n in finite and not _is_bias(n)] or \
+                  [math.log10(v / finite[top]) for v in finite.values()]
+        evidence.append("log10 of each weight's gradient norm over the largest, input to output: ["
+                        + ", ".join(f"{p:.1f}" for p in profile) + "]")
+    sat = [a for a in run.alerts if a.get("kind") == "saturated"]
+    if sat:
+        evidence.append(f"saturated units were also found ({', '.join(_ordered_union(sat, []))[:160]}): "
+                        "saturating activations pass almost no gradient")
+    remedies = []
+    relu = "Replace sigmoid/tanh with a ReLU-family activation (ReLU, LeakyReLU, GELU): its derivative is 1 where " \
+           "active, so the gradient does not shrink by up to 4x per layer."
+    init = "Use He (Kaiming) initialization for ReLU-family layers, Xavier/Glorot for tanh/sigmoid, so every layer " \
+           "keeps the gradient's scale."
+    norm = "Add normalization (batch norm or layer norm) between layers to keep activations in the range where " \
+           "the activation's derivative is large."
+    res = "Add residual (skip) connections: the gradient then has a short path to the first layers."
+    lstm = "For a recurrent model, use an LSTM or GRU (gated cells keep the gradient through time), or shorter " \
+           "truncated-BPTT windows."
+    if any(a.get("kind") == "dead" for a in run.alerts):
+        remedies.append("Dead units (see below) pass exactly zero gradient: fix them first.")
+    if _is_rnn(run):
+        remedies.append(lstm)
+    if _model_has(run, "sigmoid", "tanh") or sat or not run.meta.get("activations"):
+        remedies += [relu, init]
+    else:
+        remedies += [init, "Try LeakyReLU or GELU: unlike ReLU their gradient is never exactly zero."]
+    remedies += [norm, res]
+    return Finding("vanishing", TITLES["vanishing"], summary, evidence, remedies, names, (first, last))
+
+
+def _exploding(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    order = _layer_order(run)
+    names = [n for n in _ordered_union(alerts, order) if n != "total"]
+    first, last = _steps(alerts)
+    peak = max(_float(a.get("value")) for a in alerts)
+    thr = _float(alerts[0].get("threshold"))
+    where = f"; growing fastest in {describe_layers(names, order)}" if names else ""
+    summary = f"the total gradient norm jumped to {_fmt(peak)} (threshold {_fmt(thr)}) from step {first}{where}."
+    evidence = [f"{len(alerts)} exploding alert(s) between steps {first} and {last}"]
+    steps, values = run.series("grad/norm_total")
+    ok = np.isfinite(values)
+    if ok.any():
+        i = int(np.nanargmax(np.where(ok, values, -np.inf)))
+        evidence.append(f"logged total gradient norm: median {np.median(values[ok]):.3g}, largest {values[i]:.3g} "
+                        f"at step {int(steps[i])}")
+    _, clipped = run.series("clip/clipped")
+    if len(clipped):
+        evidence.append(f"gradient clipping was on: {100 * np.nanmean(clipped):.0f}% of steps clipped")
+    remedies = ["Clip gradients: GradientClipping('norm', max_norm=1.0), or the adaptive 'zclip'/'autoclip' policies "
+                "that follow the norm's own history."]
+    lr = "Lower the learning rate, or add a warm-up (scheduler=warmup_cosine)."
+    if len(clipped):
+        remedies.insert(0, lr)
+    else:
+        remedies.append(lr)
+    if _is_rnn(run):
+        remedies.append("Keep the recurrent weight matrix's spectral radius <= 1 (orthogonal init: "
+                        "RNN(init='orthogonal')), or use an LSTM/GRU.")
+    remedies.append("Add normalization (layer norm) to bound the activations that multiply the gradient.")
+    return Finding("exploding", TITLES["exploding"], summary, evidence, remedies, names, (first, last))
+
+
+def _nonfinite(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    order = _layer_order(run)
+    names = [n for n in _ordered_union(alerts, order) if n not in ("total gradient norm", "train/loss")]
+    first, last = _steps(alerts) if alerts else (-1, -1)
+    where = f" in {describe_layers(names, order)}" if names else ""
+    summary = f"gradients or the loss became NaN/Inf{where}, first at step {first}."
+    evidence = [f"{len(alerts)} non-finite alert(s) between steps {first} and {last}"] if alerts else []
+    loss_steps, loss = run.series("train/loss")
+    bad = ~np.isfinite(loss)
+    if bad.any():
+        evidence.append(f"train/loss is non-finite at {int(bad.sum())} of {len(loss)} logged steps, first at step "
+                        f"{int(loss_steps[bad][0])}")
+        if not alerts:
+            first = last = int(loss_steps[bad][0])
+            summary = f"the training loss became NaN/Inf at step {first}."
+    skipped = run.last("grad/skipped_steps")
+    if skipped:
+        evidence.append(f"GradientMonitor skipped {int(skipped)} update(s) with non-finite gradients")
+    remedies = ["Lower the learning rate (the usual cause: one too large update overflows).",
+                "Clip gradients (GradientClipping('norm') or 'skip' to drop outlier steps).",
+                "Check the loss for log(0) or a division by zero: use logit-based losses (cross_entropy, "
+                "BCEWithLogits) rather than log(softmax) or log(sigmoid) by hand.",
+                "With mixed precision, prefer bf16 or keep the GradScaler; keep GradientMonitor(on_nonfinite='skip') "
+                "so a bad step does not corrupt the weights."]
+    return Finding("nonfinite", TITLES["nonfinite"], summary, evidence, remedies, names, (first, last))
+
+
+def _spike(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    first, last = _steps(alerts)
+    what = sorted({str(a.get("where", "")) for a in alerts})
+    at = ", ".join(f"step {int(a['step'])} ({a.get('where')} {_fmt(_float(a.get('value')))})" for a in alerts[:6])
+    summary = f"{len(alerts)} sudden jump(s) of {' and '.join(w.replace('_', ' ') for w in what)}, first at step {first}."
+    evidence = [f"spikes at {at}{' ...' if len(alerts) > 6 else ''}"]
+    remedies = ["Clip adaptively: GradientClipping('zclip') or skip outlier steps (GradientClipping('skip')).",
+                "Lower the learning rate or add a warm-up.",
+                "Look at the batches of those steps: a mislabeled or extreme batch spikes the loss.",
+                "With Adam, a larger epsilon or a higher beta2 damps rare large updates."]
+    return Finding("spike", TITLES["spike"], summary, evidence, remedies, [], (first, last))
+
+
+def _units(run: RunData, alerts: list[dict[str, Any]], kind: str) -> Finding:
+    names = _ordered_union(alerts, [k[len(f"act/{kind}_frac/"):] for k in run.keys(f"act/{kind}_frac/")])
+    first, last = _steps(alerts)
+    fracs = _last_values(run, f"act/{kind}_frac/", names)
+    listing = ", ".join(f"{n} ({100 * fracs[n]:.0f}%)" if n in fracs else n for n in names[:8])
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    if kind == "dead":
+        summary = (f"units that output exactly zero for every sample, so they pass no gradient, in {len(names)} "
+                   f"module(s): {listing}{more}; first seen at step {first}.")
+        remedies = ["Use LeakyReLU or GELU: their gradient is never exactly zero.",
+                    "Use He (Kaiming) initialization and zero (not negative) biases so units start active.",
+                    "Lower the learning rate: a large update can push a unit's bias where it never fires again.",
+                    "Put normalization (batch norm) before the activation."]
+    else:
+        summary = (f"tanh/sigmoid outputs pinned near their limits, where the derivative is almost zero, in "
+                   f"{len(names)} module(s): {listing}{more}; first seen at step {first}.")
+        remedies = ["Use smaller initial weights: Xavier/Glorot initialization.",
+                    "Normalize the inputs and add normalization (batch/layer norm) before the activation.",
+                    "Replace the saturating activation with a ReLU-family one (ReLU, LeakyReLU, GELU)."]
+    evidence = [f"{len(alerts)} {kind} alert(s) between steps {first} and {last}; worst fraction "
+                f"{100 * max(_float(a.get('value')) for a in alerts):.0f}% (threshold "
+                f"{100 * _float(alerts[0].get('threshold')):.0f}%)"]
+    return Finding(kind, TITLES[kind], summary, evidence, remedies, names, (first, last))
+
+
+def _gradcheck(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    failed: list[str] = []
+    evidence = []
+    for step, rep in run.gradchecks:
+        for p in rep.get("params", []):
+            if not p.get("passed", True):
+                failed.append(p.get("name", "?"))
+                evidence.append(f"step {step}: {p.get('name')} relative error {_fmt(_float(p.get('rel_error')))} "
+                                f"(rtol {_fmt(_float(rep.get('rtol')))}){': ' + p['reason'] if p.get('reason') else ''}")
+        bi = rep.get("batch_independence")
+        if bi and not bi.get("passed", True):
+            evidence.append(f"step {step}: the batch-independence check failed: something mixes samples")
+    for a in alerts:
+        failed += [n for n in _split_names(a.get("where", "")) if n not in failed]
+    failed = list(dict.fromkeys(failed))
+    steps = _steps(alerts) if alerts else (run.gradchecks[0][0], run.gradchecks[-1][0])
+    summary = (f"autograd's gradient disagrees with finite differences for {len(failed)} tensor(s)"
+               f"{': ' + ', '.join(failed[:6]) if failed else ''}.")
+    remedies = ["Check the backward of any custom torch.autograd.Function (or hook) feeding these tensors against "
+                "torch.autograd.gradcheck in float64.",
+                "Look for in-place operations on tensors saved for backward and for detach()/no_grad on the "
+                "forward path.",
+                "If only float32 fails, re-run the check in float64 (GradientCheck(dtype='float64'))."]
+    if any("batch-independence" in e for e in evidence):
+        remedies.insert(0, "A view/reshape that should be a transpose/permute, or a reduction over the batch, mixes "
+                           "samples: fix it first.")
+    return Finding("gradcheck", TITLES["gradcheck"], summary, evidence, remedies, failed, steps)
+
+
+def _crashed(run: RunData) -> Finding:
+    error = str(run.meta.get("error") or "unknown error")
+    step = int(run.meta.get("end_step", run.meta.get("step", -1)) or -1)
+    summary = f"training stopped with an error at step {step}: {error[:300]}"
+    return Finding("crashed", TITLES["crashed"], summary, [f"end status written by RunRecord: crashed at step {step}"],
+                   ["Read the traceback in the run's log (train.log / the console).",
+                    "Resume from the last checkpoint once fixed (ckpt_path='last')."], [], (step, step))
+
+
+def _stalled(run: RunData) -> Finding | None:
+    steps, loss = run.series("train/loss")
+    ok = np.isfinite(loss)
+    steps, loss = steps[ok], loss[ok]
+    if len(loss) < 8:
+        return None
+    q = max(2, len(loss) // 4)
+    head, tail = float(np.mean(loss[:q])), float(np.mean(loss[-q:]))
+    if not (tail > 0.97 * head):
+        return None
+    trend = "grew" if tail > 2 * head else "went"
+    summary = (f"the training loss {trend} from {head:.4g} (first logs) to {tail:.4g} (last logs) over "
+               f"{int(steps[-1] - steps[0])} steps: the model is not learning.")
+    evidence = [f"mean train/loss of the first {q} logs {head:.4g}, of the last {q} logs {tail:.4g}"]
+    remedies = ["Find a working learning rate with the LR range test (bpkit-train lr_find=true).",
+                "If the gradients vanish (see above), fix that first.",
+                "Use momentum or Adam, and a schedule with warm-up."]
+    return Finding("stalled", TITLES["stalled"], summary, evidence, remedies, [], (int(steps[0]), int(steps[-1])))
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ordered_union(alerts: list[dict[str, Any]], order: list[str]) -> list[str]:
+    names = list(dict.fromkeys(n for a in alerts for n in _split_names(a.get("where", ""))))
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+
+def diagnose(run: RunData) -> list[Finding]:
+    """All findings of a run, most urgent first; an empty list means no problem was found.
+
+    Example::
+
+        >>> from bpkit.report.record import RunData
+        >>> from pathlib import Path
+        >>> diagnose(RunData(path=Path("bpkit_record.jsonl")))
+        []
+    """
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for a in run.alerts:
+        by_kind.setdefault(str(a.get("kind")), []).append(a)
+    found: list[Finding] = []
+    if run.status == "crashed":
+        found.append(_crashed(run))
+    _, loss = run.series("train/loss")
+    if by_kind.get("nonfinite") or (len(loss) and not np.isfinite(loss).all()):
+        found.append(_nonfinite(run, by_kind.get("nonfinite", [])))
+    if by_kind.get("exploding"):
+        found.append(_exploding(run, by_kind["exploding"]))
+    failed_check = any(not rep.get("passed", True) for _, rep in run.gradchecks)
+    if by_kind.get("gradcheck") or failed_check:
+        found.append(_gradcheck(run, by_kind.get("gradcheck", [])))
+    if by_kind.get("vanishing"):
+        found.append(_vanishing(run, by_kind["vanishing"]))
+    for kind in ("dead", "saturated"):
+        if by_kind.get(kind):
+            found.append(_units(run, by_kind[kind], kind))
+    if by_kind.get("spike"):
+        found.append(_spike(run, by_kind["spike"]))
+    stalled = _stalled(run)
+    if stalled is not None:
+        found.append(stalled)
+    found.sort(key=lambda f: ORDER.index(f.kind))
+    return found
+
+
+NO_PROBLEMS = "No problems found"
+
+
+def summary_line(findings: list[Finding]) -> str:
+    """``"No problems found"`` or ``"vanishing gradients, dead units"``."""
+    if not findings:
+        return NO_PROBLEMS
+    return "; ".join(f.title for f in findings)
+

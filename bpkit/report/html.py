@@ -1,0 +1,146 @@
+"""Self-contained HTML: styles inline, figures embedded as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from bpkit.report.findings import NO_PROBLEMS, Finding
+from bpkit.report.record import RunData
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:26px;margin:0 0 4px} h2{font-size:20px;margin:28px 0 10px;border-bottom:2px solid #dde1e7;padding-bottom:4px}
+.meta{color:#5b6475;font-size:14px} .warn{background:#fff4d6;border:1px solid #e8c35a;padding:8px 12px;border-radius:6px;margin:10px 0}
+.ok{background:#e3f6e8;border:1px solid #6cc58a;padding:14px 18px;border-radius:8px;font-size:18px;font-weight:600}
+.finding{background:#fff;border-left:6px solid #d9534f;border-radius:6px;padding:12px 18px;margin:12px 0;box-shadow:0 1px 3px #0002}
+.finding.k-vanishing,.finding.k-saturated,.finding.k-stalled{border-color:#f0ad4e}
+.finding.k-dead,.finding.k-spike{border-color:#e67e22}
+.finding h3{margin:0 0 6px;font-size:18px} .finding .sum{font-size:15px;margin:4px 0 8px}
+.finding ul{margin:4px 0 8px 18px;font-size:13px;color:#39414f} .finding ol{margin:4px 0 0 18px;font-size:14px}
+figure{background:#fff;margin:14px 0;padding:10px;border-radius:6px;box-shadow:0 1px 3px #0002}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto} figcaption{font-size:13px;color:#5b6475;margin-top:6px}
+table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0;box-shadow:0 1px 3px #0002}
+th,td{border:1px solid #dde1e7;padding:4px 8px;text-align:left;vertical-align:top} th{background:#eef1f5}
+td.num{text-align:right;font-variant-numeric:tabular-nums} .bad{color:#c9302c;font-weight:600} .good{color:#2b8a3e}
+code{background:#eef1f5;padding:1px 4px;border-radius:3px}
+"""
+
+
+def esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, (int, float)):
+        return f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v)
+    return str(v)
+
+
+def img_tag(png: Path, alt: str) -> str:
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
+
+
+def findings_html(findings: list[Finding]) -> str:
+    if not findings:
+        return (f'<div class="ok" id="verdict">{NO_PROBLEMS}: no alert was raised and the logged statistics look '
+                f'healthy.</div>')
+    parts = [f'<p id="verdict"><b>{len(findings)} problem{"s" if len(findings) > 1 else ""} found</b>, most urgent '
+             f'first.</p>']
+    for f in findings:
+        steps = f" (steps {f.steps[0]}-{f.steps[1]})" if f.steps and f.steps[0] != f.steps[1] else \
+            (f" (step {f.steps[0]})" if f.steps else "")
+        ev = "".join(f"<li>{esc(e)}</li>" for e in f.evidence)
+        rem = "".join(f"<li>{esc(r)}</li>" for r in f.remedies)
+        parts.append(f'<div class="finding k-{esc(f.kind)}"><h3>{esc(f.title)}{esc(steps)}</h3>'
+                     f'<div class="sum">{esc(f.summary)}</div><b>Evidence</b><ul>{ev}</ul>'
+                     f'<b>What to try, in order</b><ol>{rem}</ol></div>')
+    return "\n".join(parts)
+
+
+def table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(
+        f'<td class="num">{esc(fmt(c))}</td>' if i in numeric else f"<td>{c if isinstance(c, Markup) else esc(c)}</td>"
+        for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class Markup(str):
+    """Trusted HTML inside a table cell."""
+
+
+def gradcheck_html(run: RunData) -> str:
+    parts = []
+    for step, rep in run.gradchecks:
+        ok = rep.get("passed", True)
+        verdict = '<span class="good">passed</span>' if ok else '<span class="bad">FAILED</span>'
+        parts.append(f"<p>Step {step}: {verdict} ({esc(rep.get('mode', ''))} mode, {esc(rep.get('dtype', ''))}, "
+                     f"eps {esc(fmt(rep.get('eps')))}, rtol {esc(fmt(rep.get('rtol')))}; largest relative error "
+                     f"{esc(fmt(rep.get('max_rel_error')))})</p>")
+        rows = [[p.get("name"), "x".join(str(s) for s in p.get("shape", [])), p.get("probes"), p.get("grad_norm"),
+                 p.get("max_abs_error"), p.get("rel_error"),
+                 Markup('<span class="good">yes</span>' if p.get("passed") else '<span class="bad">no</span>'),
+                 p.get("reason", "")] for p in rep.get("params", [])]
+        parts.append(table(["tensor", "shape", "probes", "grad norm", "max abs error", "rel error", "passed", "note"],
+                           rows, {2, 3, 4, 5}))
+    return "\n".join(parts)
+
+
+def run_header(run: RunData, findings: list[Finding]) -> str:
+    meta = run.meta
+    status = run.status
+    lines = [f"<h1>bpkit report</h1><div class=\"meta\">Run <code>{esc(run.run_dir.resolve())}</code> &middot; status "
+             f"<b>{esc(status)}</b>"]
+    if meta.get("model"):
+        lines.append(f" &middot; model {esc(meta['model'])} ({esc(fmt(meta.get('num_params', '?')))} parameters)")
+    steps = [int(s[-1]) for s, _ in run.scalars.values() if len(s)]
+    if steps:
+        lines.append(f" &middot; last logged step {max(steps)}")
+    if meta.get("start_time"):
+        lines.append(f" &middot; started {esc(meta['start_time'])}")
+    if meta.get("end_time"):
+        lines.append(f", ended {esc(meta['end_time'])}")
+    lines.append(f" &middot; report written {esc(_dt.datetime.now().isoformat(timespec='seconds'))}</div>")
+    if status == "running":
+        lines.append('<div class="warn">No end marker in the record: the run is still going, or it was killed before '
+                     'it could write one (the RunRecord callback writes it). This report shows what was logged so '
+                     'far.</div>')
+    if run.truncated or run.bad_lines:
+        lines.append(f'<div class="warn">{run.bad_lines} unreadable line(s) in the record were skipped'
+                     f'{" (the last line was cut short, as after a crash or while writing)" if run.truncated else ""}'
+                     f'.</div>')
+    return "".join(lines)
+
+
+def final_metrics(run: RunData) -> dict[str, float]:
+    """The last value of every validation/test metric and of the training loss."""
+    out = {}
+    for key in run.scalars:
+        if key.startswith(("val/", "test/")) or key in ("train/loss", "grad/norm_total"):
+            v = run.last(key)
+            if v is not None:
+                out[key] = v
+    return out
+
+
+def alerts_html(run: RunData) -> str:
+    if not run.alerts:
+        return "<p>No alert was raised.</p>"
+    rows = [[a.get("step"), a.get("kind"), str(a.get("where", ""))[:160], a.get("value"), a.get("threshold"),
+             a.get("message", "")] for a in sorted(run.alerts, key=lambda a: int(a.get("step", 0)))]
+    return table(["step", "kind", "where", "value", "threshold", "message"], rows, {3, 4})

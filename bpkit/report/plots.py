@@ -1,0 +1,288 @@
+"""The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot global state).
+
+Every function takes a :class:`~bpkit.report.record.RunData`, returns a ``Figure`` or ``None`` when the
+run logged nothing it could draw, and never raises on missing keys.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bpkit.report.record import RunData
+
+UPDATE_RATIO_GUIDE = 1e-3  # the rule of thumb: each step changes a weight by about 1/1000 of its size
+HIST_GROUPS = {"grad/hist/": "gradients, log10 |g|", "weight/hist/": "weights, log10 |w|",
+               "act/hist/": "activations, value", "act_grad/hist/": "gradients w.r.t. activations, log10 |g|"}
+
+
+def _figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=90, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write a figure as PNG and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=fig.dpi)
+    return path
+
+
+def _short(name: str, width: int = 38) -> str:
+    name = name[6:] if name.startswith("model.") else name
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def _layers(run: RunData, prefix: str) -> list[str]:
+    return [k[len(prefix):] for k in run.keys(prefix)]
+
+
+def _matrix(run: RunData, prefix: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values[layer, step])`` on the union of logged steps (NaN where a layer was not logged)."""
+    steps = np.unique(np.concatenate([run.series(prefix + n)[0] for n in names]))
+    col = {int(s): i for i, s in enumerate(steps)}
+    out = np.full((len(names), len(steps)), np.nan)
+    for r, n in enumerate(names):
+        s, v = run.series(prefix + n)
+        for si, vi in zip(s.tolist(), v.tolist()):
+            out[r, col[si]] = vi
+    return steps, out
+
+
+def _weights_first(names: list[str]) -> list[str]:
+    """Without biases when there are weights too: a bias's norm zigzags against its weight's."""
+    weights = [n for n in names if not n.endswith("bias")]
+    return weights or names
+
+
+def gradient_flow(run: RunData) -> Figure | None:
+    """Heatmap of log10 gradient norm, one row per layer (input at the top), one column per logged step."""
+    names = _layers(run, "grad/norm/")
+    if not names:
+        return None
+    steps, norms = _matrix(run, "grad/norm/", names)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logn = np.where(norms > 0, np.log10(norms), np.nan)
+    fig = _figure(min(14, 6 + 0.1 * len(steps)), min(9, 2 + 0.16 * len(names)))
+    ax = fig.add_subplot()
+    cmap = _cmap("viridis")
+    cmap = cmap.with_extremes(bad="#d9d9d9")
+    im = ax.imshow(np.ma.masked_invalid(logn), aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_title("Gradient flow: log10 gradient norm per layer and step")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("layer (input at the top)")
+    stride = max(1, math.ceil(len(names) / 40))
+    ax.set_yticks(range(0, len(names), stride), [_short(n) for n in names[::stride]], fontsize=7)
+    xt = np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int)
+    ax.set_xticks(xt, [str(int(steps[i])) for i in xt], fontsize=8)
+    fig.colorbar(im, ax=ax, label="log10 ||grad||")
+    return fig
+
+
+def _cmap(name: str) -> Any:
+    import matplotlib
+
+    return matplotlib.colormaps[name].copy()
+
+
+def norm_vs_depth(run: RunData, max_steps: int = 4) -> Figure | None:
+    """Gradient norm against depth (parameter order) at a few logged steps: first, middle and last."""
+    names = _weights_first(_layers(run, "grad/norm/"))
+    if not names:
+        return None
+    steps, norms = _matrix(run, "grad/norm/", names)
+    pick = sorted(set(np.linspace(0, len(steps) - 1, min(max_steps, len(steps))).round().astype(int).tolist()))
+    fig = _figure(8, 4.2)
+    ax = fig.add_subplot()
+    colors = _cmap("plasma")(np.linspace(0.1, 0.85, len(pick)))
+    x = np.arange(1, len(names) + 1)
+    for c, i in zip(colors, pick):
+        y = np.where(norms[:, i] > 0, norms[:, i], np.nan)
+        ax.plot(x, y, marker="o", ms=3, color=c, label=f"step {int(steps[i])}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (parameter order: input -> output)")
+    ax.set_ylabel("gradient norm")
+    ax.set_title("Gradient norm versus depth")
+    if len(names) <= 16:
+        ax.set_xticks(x, [_short(n, 22) for n in names], rotation=60, ha="right", fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def update_ratio(run: RunData) -> Figure | None:
+    """``||delta w|| / ||w||`` per layer over steps, with the 1e-3 rule-of-thumb line."""
+    names = _layers(run, "update/ratio/")
+    if not names:
+        return None
+    fig = _figure(8, 4.2)
+    ax = fig.add_subplot()
+    colors = _cmap("viridis")(np.linspace(0, 0.9, len(names)))
+    for c, n in zip(colors, names):
+        s, v = run.series("update/ratio/" + n)
+        ax.plot(s, np.where(v > 0, v, np.nan), color=c, lw=1, label=_short(n, 30))
+    ax.axhline(UPDATE_RATIO_GUIDE, color="crimson", ls="--", lw=1.5, label="1e-3 guide")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("||update|| / ||weight||")
+    ax.set_title("Update-to-weight ratio per layer (dark: input side, light: output side)")
+    handles, labels = ax.get_legend_handles_labels()
+    if len(names) <= 8:
+        ax.legend(fontsize=7)
+    else:
+        ax.legend(handles[-1:], labels[-1:], fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig
+
+
+def _finite_edges(edges: np.ndarray) -> np.ndarray:
+    e = np.asarray(edges, dtype=np.float64).copy()
+    if len(e) > 2 and not math.isfinite(e[0]):
+        e[0] = e[1] - (e[2] - e[1])
+    if len(e) > 2 and not math.isfinite(e[-1]):
+        e[-1] = e[-2] + (e[-2] - e[-3])
+    return e
+
+
+def ridgelines(run: RunData, prefix: str, max_layers: int = 4, max_steps: int = 10) -> Figure | None:
+    """Histograms of a few layers (first, middle, last) stacked over time: later steps drawn higher."""
+    keys = _weights_first([k for k in run.histograms if k.startswith(prefix)])
+    if not keys:
+        return None
+    pick = sorted(set(np.linspace(0, len(keys) - 1, min(max_layers, len(keys))).round().astype(int).tolist()))
+    keys = [keys[i] for i in pick]
+    fig = _figure(3.2 * len(keys) + 0.6, 4.6)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        hs = run.histograms[key]
+        take = sorted(set(np.linspace(0, len(hs) - 1, min(max_steps, len(hs))).round().astype(int).tolist()))
+        colors = _cmap("viridis")(np.linspace(0, 0.9, len(take)))
+        for row, (c, i) in enumerate(zip(colors, take)):
+            h = hs[i]
+            edges = _finite_edges(h.edges)
+            centers = (edges[:-1] + edges[1:]) / 2
+            total = h.counts.sum()
+            dens = h.counts / h.counts.max() if total > 0 and h.counts.max() > 0 else np.zeros_like(h.counts)
+            base = row * 0.6
+            ax.fill_between(centers, base, base + dens, color=c, alpha=0.75, lw=0)
+            ax.plot(centers, base + dens, color="k", lw=0.4)
+            ax.text(centers[0], base + 0.05, f"{h.step}", fontsize=6, va="bottom")
+        ax.set_yticks([])
+        ax.set_title(_short(key[len(prefix):], 30), fontsize=8)
+        ax.set_xlabel(HIST_GROUPS.get(prefix, "value"), fontsize=8)
+    fig.suptitle(f"{prefix.split('/')[0]} histograms over time (bottom: first logged step, top: last; "
+                 "labels: step)", fontsize=9)
+    return fig
+
+
+def clipping(run: RunData) -> Figure | None:
+    """Pre- and post-clip gradient norm and the threshold (log scale), and the clipped fraction."""
+    keys = run.keys("clip/")
+    if not keys:
+        return None
+    fig = _figure(8, 4.2)
+    ax = fig.add_subplot()
+    styles = {"norm_pre": ("tab:blue", "-", "norm before clipping"), "norm_post": ("tab:green", "-", "after"),
+              "threshold": ("crimson", "--", "threshold")}
+    for key in keys:
+        base = key[len("clip/"):].split("/")[0]
+        if base in styles:
+            s, v = run.series(key)
+            c, ls, label = styles[base]
+            ax.plot(s, np.where(v > 0, v, np.nan), color=c, ls=ls, lw=1.2, label=f"{label} ({key})")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gradient norm")
+    frac = [k for k in keys if k.startswith("clip/clipped")]
+    if frac:
+        ax2 = ax.twinx()
+        for key in frac:
+            s, v = run.series(key)
+            ax2.bar(s, v, width=max(1.0, 0.8 * float(np.median(np.diff(s))) if len(s) > 1 else 1.0),
+                    color="orange", alpha=0.3, label="fraction of steps clipped")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("fraction of steps clipped")
+    ax.set_title("Gradient clipping activity")
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def learning_rate(run: RunData) -> Figure | None:
+    keys = run.keys("lr/")
+    if not keys:
+        return None
+    fig = _figure(8, 3.4)
+    ax = fig.add_subplot()
+    for key in keys:
+        s, v = run.series(key)
+        ax.plot(s, v, lw=1.5, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate")
+    vals = np.concatenate([run.series(k)[1] for k in keys])
+    if np.all(vals > 0) and vals.max() / max(vals.min(), 1e-300) > 50:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def loss(run: RunData) -> Figure | None:
+    """Training loss (and validation loss per epoch) with spike and NaN alerts marked."""
+    s, v = run.series("train/loss")
+    vs, vv = run.series("val/loss")
+    if not len(v) and not len(vv):
+        return None
+    fig = _figure(8, 4.2)
+    ax = fig.add_subplot()
+    if len(v):
+        ax.plot(s, v, color="tab:blue", lw=1.2, label="train/loss")
+    if len(vv):
+        ax.plot(vs, vv, color="tab:orange", marker="o", ms=4, lw=1.2, label="val/loss")
+    marked = set()
+    for a in run.alerts:
+        kind = a.get("kind")
+        if kind not in ("spike", "nonfinite", "exploding"):
+            continue
+        label = {"spike": f"spike ({a.get('where')})", "nonfinite": "NaN/Inf", "exploding": "exploding"}[kind]
+        color = {"spike": "crimson", "nonfinite": "black", "exploding": "purple"}[kind]
+        ax.axvline(int(a["step"]), color=color, ls=":", lw=1.2, label=None if label in marked else label)
+        marked.add(label)
+    finite = np.concatenate([v[np.isfinite(v)], vv[np.isfinite(vv)]])
+    if len(finite) and np.all(finite > 0) and finite.max() / finite.min() > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss (dotted lines: alerts)")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def all_figures(run: RunData) -> list[tuple[str, str, Figure]]:
+    """``[(file stem, caption, figure)]`` for everything the run logged, in report order."""
+    out: list[tuple[str, str, Figure | None]] = [
+        ("loss", "Loss curve; alerts (spikes, NaN, exploding) marked with dotted lines.", loss(run)),
+        ("gradient_flow", "Gradient flow: log10 of each layer's gradient norm (rows, input at the top) at every "
+                          "logged step (columns). A dark band at the top that stays dark is a vanishing gradient; "
+                          "a bright column is an exploding step. Grey: not logged or zero.", gradient_flow(run)),
+        ("norm_vs_depth", "Gradient norm against depth at a few steps: a healthy network keeps it roughly flat; "
+                          "a slope down towards the input is a vanishing gradient.", norm_vs_depth(run)),
+        ("update_ratio", "Update-to-weight ratio per layer; around 1e-3 (dashed) is the rule of thumb. Far above: "
+                         "the learning rate is too high for that layer; far below: it barely learns.",
+         update_ratio(run)),
+    ]
+    for prefix, what in HIST_GROUPS.items():
+        out.append((prefix.split("/")[0] + "_hist", f"Histograms of {what} over time for a few layers.",
+                    ridgelines(run, prefix)))
+    out += [("clipping", "Gradient clipping: norm before and after, threshold, and the fraction of steps clipped.",
+             clipping(run)),
+            ("lr", "Learning rate of each parameter group.", learning_rate(run))]
+    return [(stem, cap, fig) for stem, cap, fig in out if fig is not None]
