@@ -98,6 +98,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     from bpkit.task import BackpropTask, check_loss_fits
 
     _check_config(cfg)
+    if cfg.get("torch_threads") is not None:
+        torch.set_num_threads(check_int("torch_threads", cfg.torch_threads, minimum=1))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _instantiate("data", cfg.data)
     model_cls = hydra.utils.get_class(cfg.model._target_)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+FAST = ["torch_threads=1", "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
