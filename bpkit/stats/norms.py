@@ -7,6 +7,17 @@ from collections.abc import Sequence
 import torch
 
 
+def _stack(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One float32 ``(N,)`` tensor: a single ``stack`` when the values share a dtype and a device."""
+    first = values[0].dtype
+    if all(v.dtype == first for v in values):
+        try:
+            return torch.stack(list(values)).to(torch.float32)
+        except RuntimeError:  # values on several devices (model parallel)
+            pass
+    return torch.stack([v.to(device=device, dtype=torch.float32) for v in values])
+
+
 def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """Norms of every tensor, stacked into one 1-D float32 tensor on the tensors' device.
 
@@ -21,8 +32,24 @@ def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> to
     if len(tensors) == 0:
         return torch.zeros(0)
     norms = torch._foreach_norm(list(tensors), float(norm_type))
-    device = tensors[0].device
-    return torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+    return _stack(norms, tensors[0].device)
+
+
+def foreach_max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``max |x|`` of every tensor as one 1-D float32 tensor; NaN when a tensor holds a NaN.
+
+    ``_foreach_max(_foreach_abs(...))``: two launches. (``_foreach_norm(tensors, inf)`` gives the same
+    numbers but is about 10x slower than an L2 norm on CPU.)
+
+    Example::
+
+        >>> import torch
+        >>> foreach_max_abs([torch.tensor([1.0, -3.0]), torch.tensor([float("nan")])])
+        tensor([3., nan])
+    """
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    return _stack(torch._foreach_max(torch._foreach_abs(list(tensors))), tensors[0].device)
 
 
 def total_norm(per_tensor: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
@@ -32,3 +59,28 @@ def total_norm(per_tensor: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor
     if norm_type == float("inf"):
         return per_tensor.max()
     return torch.linalg.vector_norm(per_tensor, float(norm_type))
+
+
+def group_norms(per_tensor: torch.Tensor, group_index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """L2 norms of groups of tensors (e.g. per module) from the tensors' L2 norms, in two kernels.
+
+    Args:
+        per_tensor: ``(N,)`` L2 norms.
+        group_index: ``(N,)`` int64, the group of each tensor, in ``[0, num_groups)``.
+        num_groups: number of groups.
+
+    Example::
+
+        >>> import torch
+        >>> group_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2)
+        tensor([5., 1.])
+    """
+    sq = per_tensor.new_zeros(num_groups).index_add_(0, group_index, per_tensor * per_tensor)
+    return sq.sqrt()
+
+
+def group_max(per_tensor: torch.Tensor, group_index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Largest value per group; a NaN or Inf in a member makes its group's value non-finite."""
+    out = per_tensor.new_zeros(num_groups).scatter_reduce_(0, group_index, per_tensor, "amax", include_self=False)
+    nan = per_tensor.new_zeros(num_groups).index_add_(0, group_index, per_tensor - per_tensor)
+    return out + nan  # x - x is 0 for finite x and NaN for NaN/Inf: amax alone may drop a NaN

@@ -1,0 +1,259 @@
+"""Step-time overhead of gradient monitoring, against a bare run, on small reference models.
+
+Compares named configurations (a dict, so later issues can add their callbacks) on a small MLP,
+a residual CNN and an LSTM from ``bpkit.models``, trained by a real Lightning Trainer on
+in-memory random data:
+
+- ``bare``: no monitoring;
+- ``lightning_grad_norm``: Lightning's documented recipe, ``self.log_dict(grad_norm(module, 2))``
+  in ``on_before_optimizer_step``, every step;
+- ``wandb_watch_all``: ``wandb.watch(model, log="all", log_freq=50)`` in an offline run (and ``_f1``:
+  log_freq=1);
+- ``gradient_monitor``: ``GradientMonitor()`` at the default cadence (every 50 steps, skip on NaN);
+- ``gradient_monitor_every_step``: ``GradientMonitor(log_every_n_steps=1)``.
+
+Time per step is the mean over the steps after warm-up (logging steps included, so the cost of a
+log interval is amortised), taken as the median over repeats; configurations are interleaved in
+each repeat (in a rotated order) so that load from other processes hits them alike. Host reads per step (``item``,
+``tolist``, ``cpu``, ``numpy``, ``bool``/``float``/``int`` of a tensor, from any caller) are
+counted in a separate short run.
+
+Usage::
+
+    python benchmarks/overhead.py            # a few minutes on a 2-core CPU
+    python benchmarks/overhead.py --smoke    # seconds
+    python benchmarks/overhead.py --configs bare,gradient_monitor --models mlp --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from bpkit.callbacks import GradientMonitor  # noqa: E402
+from bpkit.models import MLP, RNN, ResNet  # noqa: E402
+
+warnings.filterwarnings("ignore")
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+# ----------------------------------------------------------------- models and data
+
+def make_model(name: str, smoke: bool) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, torch.Tensor]], str]:
+    """A model, a batch maker and the loss name."""
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":  # 20 tensors like design.md's MLP, scaled down for a CPU
+        width = 64 if smoke else 512
+        return (MLP(64, 10, depth=10, width=width),
+                lambda n: (torch.rand(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
+    if name == "mlp_tiny":  # the default job's model: fixed costs show most here
+        return (MLP(64, 10, depth=3, width=128),
+                lambda n: (torch.rand(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
+    if name == "resnet":
+        return (ResNet(1, 10, depth=2 if smoke else 8, width=8 if smoke else 32, stages=2),
+                lambda n: (torch.rand(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
+    if name == "lstm":
+        hidden = 16 if smoke else 256
+        return (RNN("lstm", input_size=2, hidden_size=hidden, num_layers=2, out_features=1),
+                lambda n: (torch.rand(n, 10 if smoke else 50, 2, generator=g), torch.rand(n, 1, generator=g)), "mse")
+    raise ValueError(f"unknown model {name!r}")
+
+
+class Task(pl.LightningModule):
+    def __init__(self, model: nn.Module, batches: list, loss: str) -> None:
+        super().__init__()
+        self.model, self.batches, self.loss = model, batches, loss
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return nn.functional.cross_entropy(out, y) if self.loss == "ce" else nn.functional.mse_loss(out, y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None)
+
+
+# ----------------------------------------------------------------- configurations
+
+class LightningGradNorm(pl.Callback):
+    """Lightning's documented way to track gradient norms, every step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pl_module.log_dict(grad_norm(pl_module, norm_type=2))
+
+
+class WandbWatch(pl.Callback):
+    def __init__(self, log_freq: int) -> None:
+        self.log_freq = log_freq
+
+    def on_fit_start(self, trainer, pl_module):
+        import wandb
+
+        self.run = wandb.init(mode="offline", dir=trainer.default_root_dir, project="bpkit-bench", reinit=True)
+        wandb.watch(pl_module, log="all", log_freq=self.log_freq)
+
+    def on_fit_end(self, trainer, pl_module):
+        import wandb
+
+        wandb.unwatch(pl_module)
+        self.run.finish()
+
+
+# name -> a function returning the callbacks of one run; extend this dict to benchmark more callbacks
+CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "bare": lambda: [],
+    "lightning_grad_norm": lambda: [LightningGradNorm()],
+    "wandb_watch_all": lambda: [WandbWatch(50)],
+    "wandb_watch_all_f1": lambda: [WandbWatch(1)],
+    "gradient_monitor": lambda: [GradientMonitor()],
+    "gradient_monitor_warn": lambda: [GradientMonitor(on_nonfinite="warn")],
+    "gradient_monitor_every_step": lambda: [GradientMonitor(log_every_n_steps=1)],
+}
+
+
+# ----------------------------------------------------------------- measurement
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, *args):
+        self.times.append(time.perf_counter() - self._t)
+
+
+class HostReads:
+    """Counts device->host reads of tensors from any caller while active."""
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self) -> None:
+        self.count, self.active, self._orig = 0, False, {}
+
+    def __enter__(self):
+        for name in self.METHODS:
+            orig = getattr(torch.Tensor, name)
+            self._orig[name] = orig
+
+            def wrapper(t, *a, _orig=orig, **k):
+                if self.active:
+                    self.count += 1
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for name, orig in self._orig.items():
+            setattr(torch.Tensor, name, orig)
+
+
+class CountSteps(pl.Callback):
+    def __init__(self, reads: HostReads, warmup: int) -> None:
+        self.reads, self.warmup, self.steps = reads, warmup, 0
+
+    def on_train_batch_start(self, trainer, *args):
+        self.reads.active = trainer.global_step >= self.warmup
+
+    def on_train_batch_end(self, trainer, *args):
+        self.steps += int(self.reads.active)
+        self.reads.active = False  # between steps Lightning's own loop is not counted... except the step itself
+
+
+def run_once(model_name: str, config: str, steps: int, batch: int, smoke: bool, root: str,
+             extra: list[pl.Callback] = ()) -> list[float]:
+    torch.manual_seed(0)
+    model, make_batch, loss = make_model(model_name, smoke)
+    batches = [make_batch(batch) for _ in range(8)]
+    timer = StepTimer()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                         callbacks=[*CONFIGS[config](), timer, *extra])
+    trainer.fit(Task(model, batches, loss))
+    return timer.times
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, few steps: a seconds-long check")
+    parser.add_argument("--models", default="mlp,resnet,lstm,mlp_tiny")
+    parser.add_argument("--configs", default="bare,lightning_grad_norm,wandb_watch_all,gradient_monitor,"
+                                             "gradient_monitor_warn,gradient_monitor_every_step")
+    parser.add_argument("--steps", type=int, default=110)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup, args.repeats = 12, 2, 1
+        args.configs = "bare,lightning_grad_norm,gradient_monitor,gradient_monitor_every_step"
+    torch.set_num_threads(args.threads)
+    models, configs = args.models.split(","), args.configs.split(",")
+    for c in configs:
+        if c not in CONFIGS:
+            parser.error(f"unknown config {c!r}; known: {', '.join(CONFIGS)}")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as root:
+        for model_name in models:
+            model, _, _ = make_model(model_name, args.smoke)
+            n_params = sum(p.numel() for p in model.parameters())
+            n_tensors = sum(1 for _ in model.parameters())
+            per_config: dict[str, list[float]] = {c: [] for c in configs}
+            run_once(model_name, configs[0], args.warmup + 2, args.batch, args.smoke, root)  # warm caches, discarded
+            for r in range(args.repeats):
+                for config in configs[r % len(configs):] + configs[:r % len(configs)]:  # rotate the order
+                    times = run_once(model_name, config, args.steps, args.batch, args.smoke, root)
+                    per_config[config].append(statistics.fmean(times[args.warmup:]))
+            reads: dict[str, float] = {}
+            for config in configs:
+                with HostReads() as counter:
+                    steps_counter = CountSteps(counter, args.warmup)
+                    run_once(model_name, config, args.warmup + 10, args.batch, args.smoke, root, [steps_counter])
+                reads[config] = counter.count / max(steps_counter.steps, 1)
+            bare = statistics.median(per_config["bare"]) if "bare" in per_config else None
+            rows = {}
+            for config in configs:
+                t = statistics.median(per_config[config])
+                rows[config] = {"ms": t * 1e3, "ratio": t / bare if bare else float("nan"), "reads": reads[config]}
+            results[model_name] = {"params": n_params, "tensors": n_tensors, "rows": rows}
+            print(f"\n{model_name}: {n_params / 1e6:.2f}M params, {n_tensors} tensors, batch {args.batch}")
+            print(f"  {'config':32s} {'ms/step':>9s} {'x bare':>7s} {'reads/step':>11s}")
+            for config, r in rows.items():
+                added = r["reads"] - rows["bare"]["reads"] if "bare" in rows else r["reads"]
+                print(f"  {config:32s} {r['ms']:9.2f} {r['ratio']:7.3f} {r['reads']:7.1f} ({added:+.1f})")
+            sys.stdout.flush()
+    print(f"\n{time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, lightning {pl.__version__}, threads {args.threads}, steps {args.steps} "
+          f"(warm-up {args.warmup}), repeats {args.repeats}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

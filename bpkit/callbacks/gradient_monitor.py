@@ -1,0 +1,482 @@
+"""GradientMonitor: every layer's gradient at every step, nearly free, with pathology detection."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from typing_extensions import override
+
+from bpkit.alert import Alert
+from bpkit.callbacks import _sink, _step_cache
+from bpkit.detect import (ExplodingDetector, ExplodingGradientError, NonFiniteDetector, NonFiniteGradientError,
+                          SpikeDetector, VanishingDetector)
+from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
+from bpkit.stats.grads import GradStats, grad_stats
+from bpkit.stats.histograms import LogHistogramSpec, log_histograms
+from bpkit.stats.norms import group_norms
+from bpkit.stats.readback import Readback
+from bpkit.stats.updates import snapshot, update_norms, update_ratios
+
+ACTIONS = ("warn", "skip", "stop", "raise")
+GROUP_BY = ("parameter", "module")
+
+
+def _detector_kwargs(key: str, value: Any, cls: type) -> dict[str, Any] | None:
+    """``True`` -> defaults, ``False``/``None`` -> off, a mapping -> keyword arguments (validated)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BpkitConfigError(key, value, "true, false or a mapping of detector options")
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "name")]
+    for k in value:
+        if k not in allowed:
+            raise BpkitConfigError(f"{key}.{k}", value[k], "an option among " + ", ".join(allowed))
+    try:
+        cls(**dict(value))
+    except BpkitConfigError as err:
+        raise err.with_prefix(key) from None
+    return dict(value)
+
+
+def _globs(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, str) else tuple(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise BpkitConfigError(key, value, "a glob string or a list of glob strings such as 'blocks.*.weight'")
+    return items
+
+
+class _Plan:
+    """What the monitor watches for one optimizer, and the detectors' state for it."""
+
+    def __init__(self, params: list[torch.Tensor], names: list[str], group_by: str, device: torch.device,
+                 covers_all: bool) -> None:
+        self.params, self.names, self.covers_all = params, names, covers_all
+        if group_by == "module":
+            self.units: list[str] = []
+            index = []
+            for name in names:
+                unit = name.rsplit(".", 1)[0] if "." in name else "(root)"
+                if unit not in self.units:
+                    self.units.append(unit)
+                index.append(self.units.index(unit))
+            self.unit_of = torch.as_tensor(index, dtype=torch.int64, device=device)
+            self.grouped = True
+        else:
+            self.units = list(names)
+            self.unit_of = torch.arange(len(names), device=device)
+            self.grouped = False
+        # the vanishing rule looks at weight matrices/kernels only: a bias or a norm scale can have a
+        # near-zero gradient by construction (a bias right before batch norm gets exactly zero)
+        matrix = torch.as_tensor([p.dim() >= 2 for p in params], device=device)
+        if self.grouped:
+            matrix = torch.zeros(len(self.units), dtype=torch.bool, device=device).index_put_(
+                (self.unit_of,), matrix, accumulate=True)
+        self.vanishing_eligible = matrix
+        self.detectors: dict[str, Any] = {}
+        self.pending: dict[str, torch.Tensor] | None = None
+        self.snapshot: torch.Tensor | None = None
+        self.snapshot_params: list[torch.Tensor] = []
+        self.snapshot_units: torch.Tensor | None = None
+
+    def units_of(self, stats: GradStats) -> GradStats:
+        return stats.grouped(self.unit_of, len(self.units)) if self.grouped else stats
+
+
+class GradientMonitor(Callback):
+    r"""Per-layer gradient statistics at every optimizer step, computed on the device in a few fused
+    kernels and read back once per log interval, with vanishing / exploding / non-finite / spike
+    detection and actions.
+
+    Runs in ``on_before_optimizer_step``: it sees unscaled AMP gradients, runs once per optimizer
+    step under gradient accumulation, and also under manual optimization. Logs (through every
+    logger of the Trainer) ``grad/norm_total``, and per tensor (or per module with
+    ``group_by="module"``) ``grad/norm/<name>``, ``grad/max/<name>``, ``weight/norm/<name>``,
+    ``update/ratio/<name>``, the histograms ``grad/hist/<name>`` and ``weight/hist/<name>``, and
+    ``grad/alert/<kind>`` for every alert. Alerts are also warned and kept in ``.alerts``.
+
+    Args:
+        log_every_n_steps: read back and log every this many optimizer steps (default: the Trainer's
+            ``log_every_n_steps``). Detection runs on every step regardless.
+        per_layer: log per-tensor (per-module) scalars; ``False`` logs the totals and alerts only.
+        histograms: log fixed-range log10-magnitude histograms of gradients and weights.
+        update_ratio: log ``||w_after - w_before|| / ||w_before||`` (exact: the weights are copied before
+            the optimizer step on logging steps only).
+        include: glob(s) over ``named_parameters()`` names to watch (default: all trainable ones).
+        exclude: glob(s) to leave out.
+        group_by: ``parameter`` (one entry per tensor) or ``module`` (per owning module, for big models).
+        on_nonfinite: ``skip`` (default: drop the update, weights and optimizer state untouched),
+            ``stop`` (skip and stop training), ``raise`` or ``warn``. Every action but ``warn`` reads one
+            flag from the device per step.
+        on_exploding: ``warn`` (default), ``skip``, ``stop`` or ``raise`` for the exploding rule.
+        vanishing: ``True``, ``False`` or options of :class:`bpkit.detect.VanishingDetector`
+            (``rel_max``, ``rel_weight``, ``patience``).
+        exploding: ``True``, ``False`` or options of :class:`bpkit.detect.ExplodingDetector`
+            (``factor``, ``max_norm``, ``window``, ``warmup``, ``ema``).
+        spike: ``True``, ``False`` or options of :class:`bpkit.detect.SpikeDetector` (``z``, ``alpha``,
+            ``warmup``, ``min_std``), applied to the loss and to the total gradient norm.
+        check_every_n_steps: the vanishing rule (and the weight norms it needs) runs on every this many
+            steps and on logging steps; the non-finite, exploding and spike rules run on every step.
+        histogram_range: ``(low, high)`` in log10 units of the histogram bins.
+        bins_per_decade: histogram bins per power of ten.
+
+    Raises:
+        BpkitConfigError: on an unknown action or grouping, a negative interval, bad detector
+            options, or (at train start) an include/exclude glob that matches no parameter.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from bpkit.callbacks import GradientMonitor
+        >>> monitor = GradientMonitor(exclude="*.bias", on_nonfinite="skip")
+        >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=1, logger=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None, per_layer: bool = True, histograms: bool = True,
+                 update_ratio: bool = True, include: str | Sequence[str] | None = None,
+                 exclude: str | Sequence[str] | None = None, group_by: str = "parameter",
+                 on_nonfinite: str = "skip", on_exploding: str = "warn",
+                 vanishing: bool | Mapping[str, Any] = True, exploding: bool | Mapping[str, Any] = True,
+                 spike: bool | Mapping[str, Any] = True, check_every_n_steps: int = 10,
+                 histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2) -> None:
+        if log_every_n_steps is not None:
+            check_int("log_every_n_steps", log_every_n_steps, 1)
+        self.log_every_n_steps = log_every_n_steps
+        self.per_layer = bool(per_layer)
+        self.histograms = bool(histograms)
+        self.update_ratio = bool(update_ratio)
+        self.include = _globs("include", include)
+        self.exclude = _globs("exclude", exclude)
+        self.group_by = check_choice("group_by", group_by, GROUP_BY)
+        self.check_every_n_steps = check_int("check_every_n_steps", check_every_n_steps, 1)
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ACTIONS)
+        self.on_exploding = check_choice("on_exploding", on_exploding, ACTIONS)
+        self._vanishing = _detector_kwargs("vanishing", vanishing, VanishingDetector)
+        self._exploding = _detector_kwargs("exploding", exploding, ExplodingDetector)
+        self._spike = _detector_kwargs("spike", spike, SpikeDetector)
+        if on_exploding != "warn" and self._exploding is None:
+            raise BpkitConfigError("on_exploding", on_exploding, "'warn' when the exploding detector is off")
+        if isinstance(histogram_range, str) or len(histogram_range) != 2:
+            raise BpkitConfigError("histogram_range", histogram_range, "a pair (low, high) of log10 magnitudes")
+        low = check_float("histogram_range[0]", histogram_range[0])
+        high = check_float("histogram_range[1]", histogram_range[1], low, low_inclusive=False)
+        self.hist_spec = LogHistogramSpec(low, high, check_int("bins_per_decade", bins_per_decade, 1))
+        self.alerts: list[Alert] = []
+        self.skipped_steps = 0
+        self._plans: dict[int, _Plan] = {}
+        self._plan_by_opt: dict[int, _Plan] = {}
+        self._loaded: dict[str, Any] = {}
+        self._loss_spike: SpikeDetector | None = None if self._spike is None else \
+            SpikeDetector(("loss", "grad_norm_total"), **self._spike)
+        self._totals: list[torch.Tensor] = []
+        self._interval = 50
+        self._step_t: torch.Tensor | None = None
+        self._stepped = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude, group_by=self.group_by)
+
+    # ---------------------------------------------------------------- setup
+
+    def _selected(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        out = [(n, p) for n, p in named
+               if (not self.include or any(fnmatch.fnmatchcase(n, g) for g in self.include))
+               and not any(fnmatch.fnmatchcase(n, g) for g in self.exclude)]
+        return out
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._interval = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        example = names[0] if names else "no trainable parameters"
+        for key, globs in (("include", self.include), ("exclude", self.exclude)):
+            for g in globs:
+                if not any(fnmatch.fnmatchcase(n, g) for n in names):
+                    raise BpkitConfigError(key, g, f"a glob matching at least one trainable parameter name "
+                                                   f"(e.g. {example!r})")
+        if not self._selected(pl_module):
+            raise BpkitConfigError("include", list(self.include), "a selection that leaves at least one parameter "
+                                                                  "after exclude")
+
+    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> _Plan | None:
+        plan = self._plan_by_opt.get(id(optimizer))
+        if plan is not None:
+            return plan
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), len(self._plans))
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        selected = [(n, p) for n, p in self._selected(pl_module) if id(p) in in_opt]
+        if not selected:
+            return None
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        covers_all = len(selected) == len(trainable)
+        plan = _Plan([p for _, p in selected], [n for n, _ in selected], self.group_by, selected[0][1].device,
+                     covers_all)
+        if self._vanishing is not None:
+            plan.detectors["vanishing"] = VanishingDetector(**self._vanishing)
+        if self._exploding is not None:
+            plan.detectors["exploding"] = ExplodingDetector(**self._exploding)
+        plan.detectors["nonfinite"] = NonFiniteDetector()
+        saved = self._loaded.get("plans", {}).get(index)
+        if saved is not None:
+            if list(saved["units"]) != plan.units:
+                raise BpkitConfigError("checkpoint", "GradientMonitor state",
+                                       "the same monitored parameters as when the checkpoint was saved")
+            for kind, det in plan.detectors.items():
+                if kind in saved["detectors"]:
+                    det.load_state_dict(saved["detectors"][kind])
+        self._plans[index] = plan
+        self._plan_by_opt[id(optimizer)] = plan
+        return plan
+
+    # ---------------------------------------------------------------- the step
+
+    def _device_step(self, step: int, device: torch.device) -> torch.Tensor:
+        if self._step_t is None or self._step_t.device != device:
+            self._step_t = torch.zeros((), dtype=torch.int64, device=device)
+        return self._step_t.fill_(step)  # a fill with a host scalar: no copy, no sync
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._stepped = False
+        self._totals.clear()
+
+    @override
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        plan = self._plan(trainer, pl_module, optimizer)
+        if plan is None:
+            return
+        self._stepped = True
+        step = trainer.global_step
+        present = [p.grad is not None for p in plan.params]
+        if all(present):
+            params, present_t, present_idx = plan.params, None, None
+        elif any(present):
+            params = [p for p, ok in zip(plan.params, present) if ok]
+            present_t = torch.as_tensor(present, device=params[0].device)
+            present_idx = torch.as_tensor([i for i, ok in enumerate(present) if ok], device=params[0].device)
+        else:
+            return
+        grads = [p.grad for p in params]
+        log_step = (step + 1) % self._interval == 0
+        check_step = log_step or step % self.check_every_n_steps == 0
+        stats = grad_stats(grads, params if check_step else None, max_abs=log_step)
+        if (present_t is None and plan.covers_all) or self._all_with_grad(pl_module, params):
+            # GradientClipping, later in this hook, reuses these norms (only when they cover every gradient)
+            _step_cache.publish(pl_module, trainer, optimizer, params, stats.norms, stats.total)
+        if present_t is not None:
+            stats = self._scatter(stats, present_idx, len(present))
+        units = plan.units_of(stats)
+        step_t = self._device_step(step, stats.total.device)
+        eligible = plan.vanishing_eligible if present_t is None else \
+            plan.vanishing_eligible & self._present_units(plan, present_t)
+        det = plan.detectors
+        nonfinite = det["nonfinite"].update(units.nonfinite, step_t)
+        exploded = det["exploding"].update(stats.total, units.norms, step_t) if "exploding" in det else None
+        if "vanishing" in det and check_step:
+            det["vanishing"].update(units.norms, units.weight_norms, step_t, eligible)
+        self._totals.append(stats.total)
+
+        if log_step:
+            self._prepare_log(plan, units, stats, grads, params, None if present_t is None else present_idx)
+
+        checks = []
+        if self.on_nonfinite != "warn":
+            checks.append(("nonfinite", self.on_nonfinite, nonfinite))
+        if self.on_exploding != "warn" and exploded is not None:
+            checks.append(("exploding", self.on_exploding, exploded))
+        if checks:
+            # the one host read an action needs per step: a single copy of 1-2 flags
+            flags = torch.stack([c[2] for c in checks]).tolist()
+            for (kind, action, _), flag in zip(checks, flags):
+                if trainer.strategy.reduce_boolean_decision(bool(flag), all=False):
+                    self._act(trainer, optimizer, plan, kind, action)
+                    break
+
+    @staticmethod
+    def _all_with_grad(pl_module: pl.LightningModule, params: list[torch.Tensor]) -> bool:
+        with_grad = [p for p in pl_module.parameters() if p.grad is not None]
+        return len(with_grad) == len(params) and all(a is b for a, b in zip(with_grad, params))
+
+    @staticmethod
+    def _scatter(stats: GradStats, idx: torch.Tensor, num: int) -> GradStats:
+        """Back to one entry per watched tensor, zeros where a tensor got no gradient this step."""
+
+        def full(v: torch.Tensor) -> torch.Tensor:
+            return v.new_zeros(num).index_copy_(0, idx, v)
+
+        return GradStats(full(stats.norms), stats.total, None if stats.weight_norms is None else full(stats.weight_norms),
+                         None if stats.max_abs is None else full(stats.max_abs))
+
+    @staticmethod
+    def _present_units(plan: _Plan, present: torch.Tensor) -> torch.Tensor:
+        if not plan.grouped:
+            return present
+        hits = present.new_zeros(len(plan.units), dtype=torch.int64).index_add_(0, plan.unit_of, present.long())
+        return hits > 0
+
+    def _prepare_log(self, plan: _Plan, units: GradStats, stats: GradStats, grads: list[torch.Tensor],
+                     params: list[torch.Tensor], present: torch.Tensor | None) -> None:
+        pending = {"norms": units.norms, "max": units.max_abs, "weight": units.weight_norms, "total": stats.total}
+        seg = plan.unit_of if present is None else plan.unit_of.index_select(0, present)
+        if self.histograms:
+            pending["grad_hist"] = log_histograms(grads, self.hist_spec, seg, len(plan.units))
+            pending["weight_hist"] = log_histograms(params, self.hist_spec, seg, len(plan.units))
+        if self.update_ratio:
+            plan.snapshot = snapshot(params)
+            plan.snapshot_params = list(params)
+            plan.snapshot_units = seg
+        plan.pending = pending
+
+    def _act(self, trainer: pl.Trainer, optimizer: Any, plan: _Plan, kind: str, action: str) -> None:
+        det = plan.detectors[kind]
+        found = det.alerts(Readback(det.pending()).result(), plan.units)
+        self._emit(trainer, found)
+        if action == "raise":
+            error = NonFiniteGradientError if kind == "nonfinite" else ExplodingGradientError
+            raise error(found[0].message if found else f"{kind} gradients at step {trainer.global_step}")
+        # torch optimizers (and GradScaler.step) skip parameters whose .grad is None: weights and
+        # optimizer state stay exactly as they were
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skipped_steps += 1
+        if action == "stop":
+            trainer.should_stop = True
+
+    # ---------------------------------------------------------------- logging
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._loss_spike is not None:
+            self._update_spikes(trainer, outputs)
+        if any(plan.pending is not None for plan in self._plans.values()):
+            self._flush(trainer)
+
+    def _update_spikes(self, trainer: pl.Trainer, outputs: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        has_loss = isinstance(loss, torch.Tensor) and loss.numel() == 1
+        if not has_loss and not self._totals:
+            return
+        ref = loss if has_loss else self._totals[0]
+        if len(self._totals) > 1:  # several optimizers stepped: the norm of all their gradients together
+            total = torch.stack(self._totals).norm()
+        else:
+            total = self._totals[0] if self._totals else ref.new_full((), float("nan"), dtype=torch.float32)
+        value = loss.detach().reshape(()).float() if has_loss else total.new_full((), float("nan"))
+        values = torch.stack([value, total])
+        # the loss of a batch belongs to the optimizer step it fed
+        step = trainer.global_step - 1 if self._stepped else trainer.global_step
+        self._loss_spike.update(values, self._device_step(max(step, 0), values.device))
+        self._totals.clear()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer, final=True)
+
+    def _flush(self, trainer: pl.Trainer, final: bool = False) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for i, plan in self._plans.items():
+            if plan.pending is not None:
+                tensors.update({f"{i}/{k}": v for k, v in plan.pending.items()})
+                if plan.snapshot is not None:
+                    upd = update_norms(plan.snapshot_params, plan.snapshot)
+                    if plan.grouped:
+                        upd = group_norms(upd, plan.snapshot_units, len(plan.units))
+                    elif len(plan.snapshot_params) != len(plan.params):
+                        upd = upd.new_zeros(len(plan.units)).index_copy_(0, plan.snapshot_units, upd)
+                    tensors[f"{i}/update"] = update_ratios(upd, plan.pending["weight"])
+            for kind, det in plan.detectors.items():
+                if det._ready:
+                    tensors.update({f"{i}/{kind}/{k}": v for k, v in det.pending().items()})
+        if self._loss_spike is not None and self._loss_spike._ready:
+            tensors.update({f"loss/{k}": v for k, v in self._loss_spike.pending().items()})
+        if not tensors:
+            return
+        host = Readback(tensors).result()  # the one device->host copy of a log step
+        step = trainer.global_step
+        metrics: dict[str, float] = {}
+        hists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        found: list[Alert] = []
+        for i, plan in self._plans.items():
+            if plan.pending is not None:
+                self._metrics(plan, i, host, metrics, hists)
+                plan.pending, plan.snapshot, plan.snapshot_params = None, None, []
+            for kind, det in plan.detectors.items():
+                prefix = f"{i}/{kind}/"
+                sub = {k[len(prefix):]: v for k, v in host.items() if k.startswith(prefix)}
+                if sub:
+                    found += det.alerts(sub, plan.units)
+        if self._loss_spike is not None:
+            sub = {k[5:]: v for k, v in host.items() if k.startswith("loss/")}
+            if sub:
+                found += self._loss_spike.alerts(sub)
+        for alert in found:
+            metrics[f"grad/alert/{alert.kind}"] = metrics.get(f"grad/alert/{alert.kind}", 0.0) + 1.0
+        if self.skipped_steps:
+            metrics["grad/skipped_steps"] = float(self.skipped_steps)
+        _sink.log_scalars(trainer, metrics, step)
+        _sink.log_histograms(trainer, hists, step)
+        self._emit(trainer, found, log_metric=False)
+
+    def _metrics(self, plan: _Plan, i: int, host: dict[str, np.ndarray], metrics: dict[str, float],
+                 hists: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        tag = "" if len(self._plans) == 1 else f"opt{i}/"
+        metrics[f"grad/{tag}norm_total"] = float(host[f"{i}/total"])
+        if self.per_layer:
+            columns = [("grad/norm", "norms"), ("grad/max", "max"), ("weight/norm", "weight"),
+                       ("update/ratio", "update")]
+            for prefix, key in columns:
+                if f"{i}/{key}" in host:
+                    for unit, v in zip(plan.units, host[f"{i}/{key}"].tolist()):
+                        metrics[f"{prefix}/{tag}{unit}"] = v
+        if f"{i}/grad_hist" in host:
+            edges = self.hist_spec.edges()
+            for kind in ("grad", "weight"):
+                for unit, row in zip(plan.units, host[f"{i}/{kind}_hist"]):
+                    hists[f"{kind}/hist/{tag}{unit}"] = (LogHistogramSpec.split(row)[0], edges)
+
+    def _emit(self, trainer: pl.Trainer, found: list[Alert], log_metric: bool = True) -> None:
+        for alert in found:
+            self.alerts.append(alert)
+            if log_metric:
+                _sink.log_scalars(trainer, {f"grad/alert/{alert.kind}": 1.0}, trainer.global_step)
+            _sink.log_alert(trainer, alert)
+
+    # ---------------------------------------------------------------- checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        plans = {i: {"units": list(p.units), "detectors": {k: d.state_dict() for k, d in p.detectors.items()}}
+                 for i, p in self._plans.items()}
+        for i, saved in self._loaded.get("plans", {}).items():
+            plans.setdefault(i, saved)
+        loss = self._loss_spike.state_dict() if self._loss_spike is not None else None
+        return {"plans": plans, "loss_spike": loss, "skipped_steps": self.skipped_steps,
+                "alerts": [a.to_dict() for a in self.alerts]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+        self._plans.clear()
+        self._plan_by_opt.clear()
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+        if self._loss_spike is not None and state_dict.get("loss_spike"):
+            self._loss_spike.load_state_dict(state_dict["loss_spike"])

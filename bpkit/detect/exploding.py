@@ -1,0 +1,117 @@
+"""A total gradient norm far above its recent history, or above an absolute bound."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from bpkit.alert import Alert
+from bpkit.detect._base import Detector, join_names, new_event
+from bpkit.errors import check_float, check_int
+
+
+class ExplodingGradientError(FloatingPointError):
+    """Raised by ``GradientMonitor(on_exploding="raise")``."""
+
+
+class ExplodingDetector(Detector):
+    """Flags a step whose total gradient norm exceeds ``factor`` x its running median over the last
+    ``window`` steps (after ``warmup`` steps), or ``max_norm`` when given. The alert names the
+    tensors whose norm grew most against their own running average.
+
+    Args:
+        factor: multiple of the running median that counts as exploding (> 1).
+        max_norm: absolute bound on the total norm (``None``: none).
+        window: number of recent steps in the running median.
+        warmup: steps seen before the median rule applies.
+        ema: smoothing of the per-tensor norm averages used to name the growing tensors.
+
+    Raises:
+        BpkitConfigError: on a factor <= 1, a non-positive bound, a window < 2 or a warmup < 1.
+
+    Example::
+
+        >>> import torch
+        >>> from bpkit.stats.readback import readback
+        >>> d = ExplodingDetector(warmup=3)
+        >>> for step, g in enumerate([1.0, 1.1, 0.9, 1.0, 50.0]):
+        ...     _ = d.update(torch.tensor(g), torch.tensor([g, 1.0]), torch.tensor(step))
+        >>> a = d.alerts(readback(d.pending()), ["w", "b"])[0]
+        >>> a.step, a.value, a.where
+        (4, 50.0, 'w')
+    """
+
+    kind = "exploding"
+    _state_names = ("history", "seen", "ema", "count", "first_step", "first_threshold", "first_median", "peak",
+                    "growth")
+
+    def __init__(self, factor: float = 10.0, max_norm: float | None = None, window: int = 100, warmup: int = 20,
+                 ema: float = 0.9) -> None:
+        super().__init__()
+        self.factor = check_float("factor", factor, 1.0, low_inclusive=False)
+        self.max_norm = None if max_norm is None else check_float("max_norm", max_norm, 0.0, low_inclusive=False)
+        self.window = check_int("window", window, 2)
+        self.warmup = check_int("warmup", warmup, 1)
+        self.beta = check_float("ema", ema, 0.0, 1.0, high_inclusive=False)
+
+    def _init_state(self, device: torch.device, num: int) -> None:
+        self.history = torch.full((self.window,), float("nan"), device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.ema = torch.zeros(num, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_threshold = torch.zeros((), device=device)
+        self.first_median = torch.zeros((), device=device)
+        self.peak = torch.zeros((), device=device)
+        self.growth = torch.ones(num, device=device)
+
+    @torch.no_grad()
+    def update(self, total: torch.Tensor, norms: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """One step; returns the on-device "exploded" flag."""
+        self._ensure(norms.device, norms.numel())
+        total = total.float()
+        median = torch.nanmedian(self.history)
+        threshold = torch.where(self.seen >= self.warmup, median * self.factor, float("inf"))
+        if self.max_norm is not None:
+            threshold = threshold.clamp_max(self.max_norm)
+        finite = torch.isfinite(total)
+        exploded = finite & (total > threshold)
+        growth = norms / self.ema.clamp_min(torch.finfo(norms.dtype).tiny)
+        new = new_event(self.first_step, exploded)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_threshold = torch.where(new, threshold, self.first_threshold)
+        self.first_median = torch.where(new, median, self.first_median)
+        self.growth = torch.where(new, growth, self.growth)
+        self.peak = torch.where(exploded, torch.maximum(self.peak, total), self.peak)
+        self.count += exploded
+        self.history.index_copy_(0, (self.seen % self.window).view(1),
+                                 torch.where(finite, total, float("nan")).view(1))
+        ok = torch.isfinite(norms)
+        ema = torch.where(self.seen == 0, norms, self.beta * self.ema + (1 - self.beta) * norms)
+        self.ema = torch.where(ok, ema, self.ema)
+        self.seen += 1
+        return exploded
+
+    def pending(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count, "first_step": self.first_step, "first_threshold": self.first_threshold,
+                "first_median": self.first_median, "peak": self.peak, "growth": self.growth}
+
+    def alerts(self, host: Mapping[str, np.ndarray], names: Sequence[str]) -> list[Alert]:
+        count = int(host["count"])
+        if not self._ready or count == 0:
+            return []
+        self.count.zero_()
+        self.first_step.fill_(-1)
+        self.peak.zero_()
+        growth = np.asarray(host["growth"], dtype=np.float64).reshape(-1)
+        order = [i for i in np.argsort(-growth) if growth[i] > 1.0][:3]
+        grown = [names[i] for i in order]
+        peak, thr, med = float(host["peak"]), float(host["first_threshold"]), float(host["first_median"])
+        rule = f"{peak / med:.1f}x its running median {med:.3g}" if med == med and med > 0 else f"above {thr:.3g}"
+        growth_txt = ", ".join(f"{names[i]} x{growth[i]:.3g}" for i in order) or "none"
+        msg = (f"exploding gradients: the total gradient norm reached {peak:.3g} ({rule}; threshold {thr:.3g}) "
+               f"on {count} step(s) since the last report. Fastest-growing tensors against their running average: "
+               f"{growth_txt}. Clip gradients (GradientClipping), lower the learning rate or add warm-up.")
+        return [Alert("exploding", int(host["first_step"]), join_names(grown) if grown else "total", peak, thr, msg)]

@@ -1,0 +1,51 @@
+"""Update-to-weight ratios from an exact before/after difference of the weights.
+
+On a step that logs, :func:`snapshot` copies all parameters into one flat buffer (one ``cat``)
+just before ``optimizer.step()``; after the step, :func:`update_norms` takes the difference with
+the live parameters and its per-tensor norms. The ratio ``||w_after - w_before|| / ||w_before||``
+is exact for any optimizer (momentum, weight decay, a skipped step, a scheduler), and costs two
+extra passes over the weights on logging steps only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from bpkit.stats.norms import _stack
+
+
+@torch.no_grad()
+def snapshot(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """All parameters flattened into one new float32 buffer (one kernel).
+
+    Example::
+
+        >>> import torch
+        >>> snapshot([torch.ones(2, 2), torch.zeros(1)]).tolist()
+        [1.0, 1.0, 1.0, 1.0, 0.0]
+    """
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+@torch.no_grad()
+def update_norms(params: Sequence[torch.Tensor], before: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` L2 norm of ``p - p_before`` for every parameter, ``before`` from :func:`snapshot`.
+
+    Example::
+
+        >>> import torch
+        >>> w = [torch.zeros(2), torch.zeros(1)]
+        >>> s = snapshot(w); w[0] += 3.0
+        >>> update_norms(w, s)
+        tensor([4.2426, 0.0000])
+    """
+    delta = snapshot(params) - before
+    pieces = delta.split([p.numel() for p in params])
+    return _stack(torch._foreach_norm(list(pieces), 2.0), before.device)
+
+
+def update_ratios(update: torch.Tensor, weight_norms: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``||update|| / ||w_before||`` (a zero weight gives ``update / eps``)."""
+    return update / weight_norms.clamp_min(eps)
