@@ -10,7 +10,16 @@ in-memory random data:
 - ``wandb_watch_all``: ``wandb.watch(model, log="all", log_freq=50)`` in an offline run (and ``_f1``:
   log_freq=1);
 - ``gradient_monitor``: ``GradientMonitor()`` at the default cadence (every 50 steps, skip on NaN);
-- ``gradient_monitor_every_step``: ``GradientMonitor(log_every_n_steps=1)``.
+- ``gradient_monitor_every_step``: ``GradientMonitor(log_every_n_steps=1)``;
+- ``bpkit_default``: GradientMonitor + ActivationMonitor + GradientClipping("norm") at the default cadence;
+- ``bpkit_full``: the same three with every statistic read back and logged at every step.
+
+``--device cuda --sizes gpu`` uses design.md's reference sizes (MLP ~35M params / 20 tensors,
+residual CNN ~2.4M / 52 tensors, LSTM ~12.7M / 10 tensors) with the data on the GPU, and counts host
+syncs per step with ``torch.cuda.set_sync_debug_mode("warn")``; on the CPU it counts host reads.
+Aten ops per step added by a configuration are counted with a ``TorchDispatchMode`` over the whole
+training step, minus the bare run's. ``--scaling`` prints ops per step against the number of
+parameter tensors (10/50/200-layer MLPs).
 
 Time per step is the mean over the steps after warm-up (logging steps included, so the cost of a
 log interval is amortised), taken as the median over repeats; configurations are interleaved in
@@ -23,6 +32,8 @@ Usage::
     python benchmarks/overhead.py            # a few minutes on a 2-core CPU
     python benchmarks/overhead.py --smoke    # seconds
     python benchmarks/overhead.py --configs bare,gradient_monitor --models mlp --steps 100
+    python benchmarks/overhead.py --device cuda --sizes gpu    # on a GPU (benchmarks/gpu_check.sh)
+    python benchmarks/overhead.py --scaling                    # ops per step vs number of tensors
 """
 
 from __future__ import annotations
@@ -49,7 +60,9 @@ from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from bpkit.callbacks import GradientMonitor  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from bpkit.callbacks import ActivationMonitor, GradientClipping, GradientMonitor  # noqa: E402
 from bpkit.models import MLP, RNN, ResNet  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -59,9 +72,22 @@ for _name in ("lightning.pytorch", "lightning.fabric"):
 
 # ----------------------------------------------------------------- models and data
 
+SIZES = "cpu"  # set from --sizes
+
+
 def make_model(name: str, smoke: bool) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, torch.Tensor]], str]:
     """A model, a batch maker and the loss name."""
     g = torch.Generator().manual_seed(0)
+    if SIZES == "gpu" and not smoke:  # design.md's reference models
+        if name == "mlp":  # 10 Linear layers: 20 tensors, ~35M parameters
+            return (MLP(1024, 10, depth=10, width=1920),
+                    lambda n: (torch.rand(n, 1024, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
+        if name == "resnet":  # 52 tensors, ~2.4M parameters
+            return (ResNet(3, 10, depth=8, width=48, stages=3),
+                    lambda n: (torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
+        if name == "lstm":  # 2 layers: 10 tensors, ~12.7M parameters
+            return (RNN("lstm", input_size=64, hidden_size=880, num_layers=2, out_features=10),
+                    lambda n: (torch.rand(n, 100, 64, generator=g), torch.rand(n, 10, generator=g)), "mse")
     if name == "mlp":  # 20 tensors like design.md's MLP, scaled down for a CPU
         width = 64 if smoke else 512
         return (MLP(64, 10, depth=10, width=width),
@@ -132,6 +158,9 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "gradient_monitor": lambda: [GradientMonitor()],
     "gradient_monitor_warn": lambda: [GradientMonitor(on_nonfinite="warn")],
     "gradient_monitor_every_step": lambda: [GradientMonitor(log_every_n_steps=1)],
+    "bpkit_default": lambda: [GradientMonitor(), ActivationMonitor(), GradientClipping("norm")],
+    "bpkit_full": lambda: [GradientMonitor(log_every_n_steps=1, check_every_n_steps=1),
+                           ActivationMonitor(log_every_n_steps=1), GradientClipping("norm", log_every_n_steps=1)],
 }
 
 
@@ -146,6 +175,14 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, *args):
         self.times.append(time.perf_counter() - self._t)
+
+
+class CudaStepTimer(StepTimer):
+    """Wall time per step; the GPU is drained at the end of each step so queued work is counted."""
+
+    def on_train_batch_end(self, *args):
+        torch.cuda.synchronize()
+        super().on_train_batch_end(*args)
 
 
 class HostReads:
@@ -186,34 +223,125 @@ class CountSteps(pl.Callback):
         self.reads.active = False  # between steps Lightning's own loop is not counted... except the step itself
 
 
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountOps(pl.Callback):
+    """Aten ops dispatched during each training step after warm-up (forward, backward, hooks, step)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.per_step, self.mode = warmup, [], None
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step >= self.warmup:
+            self.mode = OpCounter()
+            self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.per_step.append(self.mode.count)
+            self.mode = None
+
+
+class CountSyncs(pl.Callback):
+    """CUDA host syncs per step after warm-up, from the sync debug mode's warnings."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.counts, self._catcher = warmup, [], None
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step >= self.warmup:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._log = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, *args):
+        if self._catcher is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.counts.append(sum("synchroniz" in str(w.message) for w in self._log))
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+
+DEVICE = "cpu"  # set from --device
+
+
 def run_once(model_name: str, config: str, steps: int, batch: int, smoke: bool, root: str,
              extra: list[pl.Callback] = ()) -> list[float]:
     torch.manual_seed(0)
     model, make_batch, loss = make_model(model_name, smoke)
-    batches = [make_batch(batch) for _ in range(8)]
+    batches = [tuple(t.to(DEVICE) for t in make_batch(batch)) for _ in range(8)]  # data on the device
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    if DEVICE == "cuda":
+        timer = CudaStepTimer()
+    trainer = pl.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                          callbacks=[*CONFIGS[config](), timer, *extra])
     trainer.fit(Task(model, batches, loss))
     return timer.times
 
 
+def ops_per_step(model_name: str, config: str, warmup: int, batch: int, smoke: bool, root: str) -> float:
+    counter = CountOps(warmup)
+    run_once(model_name, config, warmup + 5, batch, smoke, root, [counter])
+    return statistics.fmean(counter.per_step) if counter.per_step else float("nan")
+
+
+def scaling(root: str, batch: int) -> list[dict[str, Any]]:
+    """Aten ops per step added by GradientMonitor (default cadence, non-log steps) vs number of tensors."""
+    rows = []
+    for depth in (10, 50, 200):
+        def make(name, smoke, depth=depth):
+            g = torch.Generator().manual_seed(0)
+            return (MLP(32, 10, depth=depth, width=32),
+                    lambda n: (torch.rand(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
+
+        global make_model
+        saved, make_model = make_model, make
+        try:
+            bare = ops_per_step("scaled", "bare", 3, batch, True, root)
+            monitored = ops_per_step("scaled", "gradient_monitor_warn", 3, batch, True, root)
+        finally:
+            make_model = saved
+        rows.append({"layers": depth, "tensors": 2 * depth, "ops_bare": bare, "ops_added": monitored - bare})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global DEVICE, SIZES
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models, few steps: a seconds-long check")
     parser.add_argument("--models", default="mlp,resnet,lstm,mlp_tiny")
-    parser.add_argument("--configs", default="bare,lightning_grad_norm,wandb_watch_all,gradient_monitor,"
-                                             "gradient_monitor_warn,gradient_monitor_every_step")
+    parser.add_argument("--configs", default="bare,lightning_grad_norm,wandb_watch_all,wandb_watch_all_f1,"
+                                             "gradient_monitor,bpkit_default,bpkit_full")
     parser.add_argument("--steps", type=int, default=110)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--sizes", choices=("cpu", "gpu"), default=None, help="model sizes (default: by device)")
+    parser.add_argument("--scaling", action="store_true", help="also: ops per step vs number of tensors")
     args = parser.parse_args(argv)
+    DEVICE = args.device
+    SIZES = args.sizes or ("gpu" if args.device == "cuda" else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.device == "cuda" and args.models == "mlp,resnet,lstm,mlp_tiny":
+        args.models = "mlp,resnet,lstm"
     if args.smoke:
         args.steps, args.warmup, args.repeats = 12, 2, 1
-        args.configs = "bare,lightning_grad_norm,gradient_monitor,gradient_monitor_every_step"
+        args.configs = "bare,lightning_grad_norm,gradient_monitor,bpkit_default,bpkit_full"
     torch.set_num_threads(args.threads)
     models, configs = args.models.split(","), args.configs.split(",")
     for c in configs:
@@ -232,26 +360,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     times = run_once(model_name, config, args.steps, args.batch, args.smoke, root)
                     per_config[config].append(statistics.fmean(times[args.warmup:]))
             reads: dict[str, float] = {}
+            ops: dict[str, float] = {}
             for config in configs:
-                with HostReads() as counter:
-                    steps_counter = CountSteps(counter, args.warmup)
-                    run_once(model_name, config, args.warmup + 10, args.batch, args.smoke, root, [steps_counter])
-                reads[config] = counter.count / max(steps_counter.steps, 1)
+                if DEVICE == "cuda":
+                    syncs = CountSyncs(args.warmup)
+                    run_once(model_name, config, args.warmup + 10, args.batch, args.smoke, root, [syncs])
+                    reads[config] = statistics.fmean(syncs.counts) if syncs.counts else float("nan")
+                else:
+                    with HostReads() as counter:
+                        steps_counter = CountSteps(counter, args.warmup)
+                        run_once(model_name, config, args.warmup + 10, args.batch, args.smoke, root,
+                                 [steps_counter])
+                    reads[config] = counter.count / max(steps_counter.steps, 1)
+                ops[config] = ops_per_step(model_name, config, args.warmup, args.batch, args.smoke, root)
             bare = statistics.median(per_config["bare"]) if "bare" in per_config else None
             rows = {}
             for config in configs:
                 t = statistics.median(per_config[config])
-                rows[config] = {"ms": t * 1e3, "ratio": t / bare if bare else float("nan"), "reads": reads[config]}
+                rows[config] = {"ms": t * 1e3, "ratio": t / bare if bare else float("nan"), "reads": reads[config],
+                                "ops": ops[config] - ops.get("bare", 0.0)}
             results[model_name] = {"params": n_params, "tensors": n_tensors, "rows": rows}
+            what = "syncs" if DEVICE == "cuda" else "reads"
             print(f"\n{model_name}: {n_params / 1e6:.2f}M params, {n_tensors} tensors, batch {args.batch}")
-            print(f"  {'config':32s} {'ms/step':>9s} {'x bare':>7s} {'reads/step':>11s}")
+            print(f"  {'config':28s} {'ms/step':>9s} {'x bare':>7s} {what + '/step':>11s} {'+ops/step':>10s}")
             for config, r in rows.items():
                 added = r["reads"] - rows["bare"]["reads"] if "bare" in rows else r["reads"]
-                print(f"  {config:32s} {r['ms']:9.2f} {r['ratio']:7.3f} {r['reads']:7.1f} ({added:+.1f})")
+                print(f"  {config:28s} {r['ms']:9.2f} {r['ratio']:7.3f} {r['reads']:7.1f} ({added:+.1f}) "
+                      f"{r['ops']:9.0f}")
             sys.stdout.flush()
-    print(f"\n{time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, lightning {pl.__version__}, threads {args.threads}, steps {args.steps} "
-          f"(warm-up {args.warmup}), repeats {args.repeats}")
+        if args.scaling:
+            results["scaling"] = scaling(root, 16)
+    env = (f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+           + (f", {torch.cuda.get_device_name()}" if DEVICE == "cuda" else "")
+           + f", torch {torch.__version__}, lightning {pl.__version__}, threads {args.threads}, steps {args.steps} "
+             f"(warm-up {args.warmup}), repeats {args.repeats}, batch {args.batch}")
+    print(f"\n{env}\n")
+    what = "host syncs" if DEVICE == "cuda" else "host reads"
+    print(f"| model | config | ms/step | x bare | {what}/step (added) | aten ops/step added |")
+    print("|---|---|---|---|---|---|")
+    for model_name, res in results.items():
+        if model_name == "scaling":
+            continue
+        label = f"{model_name} ({res['params'] / 1e6:.2f}M, {res['tensors']} tensors)"
+        for config, r in res["rows"].items():
+            added = r["reads"] - res["rows"]["bare"]["reads"] if "bare" in res["rows"] else r["reads"]
+            print(f"| {label} | {config} | {r['ms']:.2f} | {r['ratio']:.2f}x | {r['reads']:.1f} ({added:+.1f}) "
+                  f"| {r['ops']:.0f} |")
+    if "scaling" in results:
+        print("\n| MLP layers | parameter tensors | aten ops/step, bare | added by GradientMonitor (non-log steps) |")
+        print("|---|---|---|---|")
+        for row in results["scaling"]:
+            print(f"| {row['layers']} | {row['tensors']} | {row['ops_bare']:.0f} | {row['ops_added']:.0f} |")
     return results
 
 
