@@ -65,13 +65,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--only", default="", help="run only the models whose name contains this")
+    parser.add_argument("--smoke", action="store_true", help="the two smallest MLPs, one repeat: a seconds-long check")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.batch = 1, 16
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     cases = [(f"MLP width {w}", lambda w=w: MLP(64, 10, depth=4, width=w), (args.batch, 64))
-             for w in (32, 128, 512, 1024, 2048)]
-    cases.append(("ResNet depth 8 width 16 (BN)", lambda: ResNet(1, 10, depth=8, width=16), (args.batch, 1, 8, 8)))
+             for w in ((32, 128) if args.smoke else (32, 128, 512, 1024, 2048))]
+    if not args.smoke:
+        cases.append(("ResNet depth 8 width 16 (BN)", lambda: ResNet(1, 10, depth=8, width=16), (args.batch, 1, 8, 8)))
 
     print(f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}, "
           f"{args.threads} thread(s), batch {args.batch}, float64 copy, best of {args.repeats}\n")
