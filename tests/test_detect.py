@@ -64,7 +64,7 @@ def test_vanishing_ignores_masked_and_nonfinite_tensors():
 # ----------------------------------------------------------------- exploding
 
 def test_exploding_threshold_is_factor_times_the_running_median():
-    det = ExplodingDetector(factor=5.0, window=8, warmup=4)
+    det = ExplodingDetector(factor=5.0, window=8, warmup=4, patience=1)
     values = [1.0, 2.0, 1.5, 3.0, 2.5, 1.0, 2.0, 2.2, 1.8, 14.0]
     for step, v in enumerate(values):
         det.update(_t(v), _t([v, 1.0]), _t(step, torch.int64))
@@ -84,8 +84,19 @@ def test_exploding_absolute_bound_and_warmup():
     assert alert.threshold == 10.0 and alert.step == 1
 
 
+def test_exploding_needs_patience_consecutive_steps():
+    det = ExplodingDetector(factor=5.0, window=8, warmup=4, patience=3)
+    values = [1.0] * 6 + [20.0] + [1.0] * 3 + [20.0, 30.0]  # a lone jump, then two in a row: not yet
+    for step, v in enumerate(values):
+        det.update(_t(v), _t([v]), _t(step, torch.int64))
+    assert det.alerts(readback(det.pending()), ["w"]) == []
+    det.update(_t(40.0), _t([40.0]), _t(len(values), torch.int64))  # the third step in a row
+    (alert,) = det.alerts(readback(det.pending()), ["w"])
+    assert alert.step == len(values) and alert.value == 40.0
+
+
 def test_exploding_names_the_fastest_growing_tensors():
-    det = ExplodingDetector(warmup=3)
+    det = ExplodingDetector(warmup=3, patience=1)
     for step in range(10):
         det.update(_t(1.0), _t([0.5, 0.5, 0.5, 0.5]), _t(step, torch.int64))
     det.update(_t(100.0), _t([0.5, 80.0, 0.5, 40.0]), _t(10, torch.int64))

@@ -17,15 +17,21 @@ class ExplodingGradientError(FloatingPointError):
 
 
 class ExplodingDetector(Detector):
-    """Flags a step whose total gradient norm exceeds ``factor`` x its running median over the last
-    ``window`` steps (after ``warmup`` steps), or ``max_norm`` when given. The alert names the
-    tensors whose norm grew most against their own running average.
+    """Flags steps whose total gradient norm stays above ``factor`` x its running median over the last
+    ``window`` steps (after ``warmup`` steps), or above ``growth`` x its median over the first
+    ``baseline_steps`` steps (an explosion that starts at once), for ``patience`` steps in a row; or
+    that exceeds ``max_norm`` when given (at once). The alert names the tensors whose norm grew most against their own
+    running average. ``patience`` keeps a single noisy step (that is the spike rule's job) and the
+    gradual growth of the norm in healthy training from being called an explosion.
 
     Args:
         factor: multiple of the running median that counts as exploding (> 1).
         max_norm: absolute bound on the total norm (``None``: none).
         window: number of recent steps in the running median.
         warmup: steps seen before the median rule applies.
+        patience: consecutive steps above a relative rule before it fires.
+        growth: multiple of the median of the first ``baseline_steps`` total norms that counts as exploding.
+        baseline_steps: steps whose median is the baseline of the ``growth`` rule.
         ema: smoothing of the per-tensor norm averages used to name the growing tensors.
 
     Raises:
@@ -35,7 +41,7 @@ class ExplodingDetector(Detector):
 
         >>> import torch
         >>> from bpkit.stats.readback import readback
-        >>> d = ExplodingDetector(warmup=3)
+        >>> d = ExplodingDetector(warmup=3, patience=1)
         >>> for step, g in enumerate([1.0, 1.1, 0.9, 1.0, 50.0]):
         ...     _ = d.update(torch.tensor(g), torch.tensor([g, 1.0]), torch.tensor(step))
         >>> a = d.alerts(readback(d.pending()), ["w", "b"])[0]
@@ -45,16 +51,20 @@ class ExplodingDetector(Detector):
 
     kind = "exploding"
     _state_names = ("history", "seen", "ema", "count", "first_step", "first_threshold", "first_median", "peak",
-                    "growth")
+                    "growth", "streak", "baseline")
 
-    def __init__(self, factor: float = 10.0, max_norm: float | None = None, window: int = 100, warmup: int = 20,
-                 ema: float = 0.9) -> None:
+    def __init__(self, factor: float = 10.0, max_norm: float | None = None, window: int = 100, warmup: int = 50,
+                 ema: float = 0.9, patience: int = 3, growth: float = 100.0, baseline_steps: int = 10) -> None:
         super().__init__()
         self.factor = check_float("factor", factor, 1.0, low_inclusive=False)
         self.max_norm = None if max_norm is None else check_float("max_norm", max_norm, 0.0, low_inclusive=False)
         self.window = check_int("window", window, 2)
         self.warmup = check_int("warmup", warmup, 1)
         self.beta = check_float("ema", ema, 0.0, 1.0, high_inclusive=False)
+        self.patience = check_int("patience", patience, 1)
+        self.growth_factor = check_float("growth", growth, 1.0, low_inclusive=False)
+        # the baseline is read from the ring buffer before it wraps
+        self.baseline_steps = min(check_int("baseline_steps", baseline_steps, 1), self.window)
 
     def _init_state(self, device: torch.device, num: int) -> None:
         self.history = torch.full((self.window,), float("nan"), device=device)
@@ -66,6 +76,8 @@ class ExplodingDetector(Detector):
         self.first_median = torch.zeros((), device=device)
         self.peak = torch.zeros((), device=device)
         self.growth = torch.ones(num, device=device)
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.baseline = torch.full((), float("inf"), device=device)
 
     @torch.no_grad()
     def update(self, total: torch.Tensor, norms: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -73,11 +85,15 @@ class ExplodingDetector(Detector):
         self._ensure(norms.device, norms.numel())
         total = total.float()
         median = torch.nanmedian(self.history)
-        threshold = torch.where(self.seen >= self.warmup, median * self.factor, float("inf"))
-        if self.max_norm is not None:
-            threshold = threshold.clamp_max(self.max_norm)
+        relative = torch.where(self.seen >= self.warmup, median * self.factor, float("inf"))
+        relative = torch.minimum(relative, self.baseline * self.growth_factor)
         finite = torch.isfinite(total)
-        exploded = finite & (total > threshold)
+        self.streak = torch.where(finite & (total > relative), self.streak + 1, 0)
+        exploded = self.streak >= self.patience
+        threshold = relative
+        if self.max_norm is not None:
+            exploded = exploded | (finite & (total > self.max_norm))
+            threshold = threshold.clamp_max(self.max_norm)
         growth = norms / self.ema.clamp_min(torch.finfo(norms.dtype).tiny)
         new = new_event(self.first_step, exploded)
         self.first_step = torch.where(new, step, self.first_step)
@@ -88,6 +104,9 @@ class ExplodingDetector(Detector):
         self.count += exploded
         self.history.index_copy_(0, (self.seen % self.window).view(1),
                                  torch.where(finite, total, float("nan")).view(1))
+        # the growth rule's baseline: the median of the first baseline_steps norms, frozen once known
+        first = torch.nanmedian(self.history[: self.baseline_steps])
+        self.baseline = torch.where(self.seen == self.baseline_steps - 1, first, self.baseline)
         ok = torch.isfinite(norms)
         ema = torch.where(self.seen == 0, norms, self.beta * self.ema + (1 - self.beta) * norms)
         self.ema = torch.where(ok, ema, self.ema)
