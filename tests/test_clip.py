@@ -13,14 +13,6 @@ from bpkit.clip import AGC, POLICIES, AutoClip, NormClip, SkipOnSpike, ValueClip
 from bpkit.errors import BpkitConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: more intra-op threads only oversubscribe (~30x slower measured)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _params(seed: int = 0, dtype=torch.float64, scale: float = 1.0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

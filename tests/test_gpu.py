@@ -8,37 +8,14 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers.logger import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from bpkit.callbacks import ActivationMonitor, GradientClipping, GradientMonitor
 from bpkit.models import MLP
 from bpkit.task import BackpropTask
+from tests._helpers import MemoryLogger
 
 pytestmark = pytest.mark.gpu
-
-
-class MemoryLogger(Logger):
-    """Keeps every logged scalar: {key: [(step, value), ...]}."""
-
-    def __init__(self):
-        super().__init__()
-        self.metrics = {}
-
-    @property
-    def name(self):
-        return "memory"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, []).append((step, float(value)))
 
 
 def _data(n=512, device="cuda"):
@@ -123,7 +100,7 @@ def test_mixed_precision_statistics_are_unscaled(precision):
     trainer = _trainer([GradientMonitor(log_every_n_steps=1), Reference()], max_steps=8, precision=precision,
                        log_every_n_steps=1, logger=logger, limit_val_batches=0)
     trainer.fit(_task(), _data())
-    logged = dict(logger.metrics["grad/norm_total"])
+    logged = logger.series("grad/norm_total")
     reference = dict(seen)
     common = sorted(set(logged) & set(reference))
     assert len(common) >= 5

@@ -15,14 +15,6 @@ from bpkit.gradcheck import GradcheckError, check_batch_independence, check_grad
 from bpkit.models import MLP, RNN, ResNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny float64 ops are dominated by OpenMP hand-offs on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _cls_batch(n=16, d=8, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)

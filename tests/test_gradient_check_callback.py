@@ -27,13 +27,6 @@ from tests.hostreads import HostReadCounter
 from tests.test_gradcheck import _CustomLinear, _SeqHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Lit(pl.LightningModule):
     def __init__(self, bad_factor: float | None = None, dropout: float = 0.0, width: int = 16):

@@ -28,14 +28,6 @@ SMALL = {"norm": {"max_norm": 0.5}, "value": {"clip_value": 0.05}, "agc": {"clip
          "skip": {"warmup_steps": 3, "z_thresh": 2.0}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: more intra-op threads only oversubscribe (~30x slower measured)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _data(n_batches: int = 8, batch_size: int = 8, seed: int = 0, spikes: tuple[int, ...] = (5,),
           dtype=torch.float32) -> DataLoader:

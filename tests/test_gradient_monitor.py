@@ -10,14 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from bpkit import BpkitConfigError
 from bpkit.callbacks import GradientMonitor, _step_cache
 from bpkit.detect import NonFiniteGradientError
+from tests._helpers import MemoryLogger, OpRecorder
 from tests.hostreads import HostReadCounter
 
 warnings.filterwarnings("ignore", ".*bpkit.*")
@@ -27,31 +26,6 @@ warnings.filterwarnings("ignore", ".*bpkit.*")
 def _in_tmp(tmp_path, monkeypatch):
     """Run records, checkpoints and W&B files land in a temporary directory."""
     monkeypatch.chdir(tmp_path)
-
-
-class MemLogger(Logger):
-    """Keeps every logged scalar: {step: {key: value}}."""
-
-    def __init__(self):
-        super().__init__()
-        self.metrics = {}
-
-    @property
-    def name(self):
-        return "mem"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.setdefault(step, {}).update(metrics)
-
-    def keys(self):
-        return {k for m in self.metrics.values() for k in m}
 
 
 class Net(pl.LightningModule):
@@ -134,7 +108,7 @@ def _check_against_reference(logger, recorder, rel=1e-5):
 
 
 def test_norms_equal_float64_reference_and_are_published_for_clipping():
-    logger, rec, mon = MemLogger(), GradRecorder(), GradientMonitor(log_every_n_steps=1)
+    logger, rec, mon = MemoryLogger(), GradRecorder(), GradientMonitor(log_every_n_steps=1)
     _trainer([mon, rec], logger=logger).fit(Net())
     _check_against_reference(logger, rec)
     assert all(p is not None for p in rec.published)
@@ -144,7 +118,7 @@ def test_norms_equal_float64_reference_and_are_published_for_clipping():
 
 
 def test_bf16_mixed_precision_norms_are_of_the_fp32_gradients():
-    logger, rec = MemLogger(), GradRecorder()
+    logger, rec = MemoryLogger(), GradRecorder()
     _trainer([GradientMonitor(log_every_n_steps=1), rec], logger=logger, precision="bf16-mixed").fit(Net())
     assert all(g.dtype == torch.float64 for g in rec.grads[0].values())
     _check_against_reference(logger, rec)
@@ -155,20 +129,20 @@ def test_16_mixed_norms_are_unscaled():
     torch.autocast(float16) on CPU with torch.amp.GradScaler("cpu"). The hook must see unscaled grads."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    logger, rec = MemLogger(), GradRecorder()
+    logger, rec = MemoryLogger(), GradRecorder()
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
     trainer = _trainer([GradientMonitor(log_every_n_steps=1), rec], logger=logger, plugins=[plugin])
     trainer.fit(Net())
     assert trainer.precision_plugin.scaler.get_scale() >= 2.0**15  # a scale that would show if left in
     _check_against_reference(logger, rec)
-    logger32 = MemLogger()
+    logger32 = MemoryLogger()
     _trainer([GradientMonitor(log_every_n_steps=1)], logger=logger32).fit(Net())
     first16, first32 = logger.metrics[min(logger.metrics)], logger32.metrics[min(logger32.metrics)]
     assert first16["grad/norm_total"] == pytest.approx(first32["grad/norm_total"], rel=2e-2)
 
 
 def test_gradient_accumulation_is_seen_once_per_optimizer_step():
-    logger, rec = MemLogger(), GradRecorder()
+    logger, rec = MemoryLogger(), GradRecorder()
     trainer = _trainer([GradientMonitor(log_every_n_steps=1), rec], steps=3, logger=logger,
                        accumulate_grad_batches=2)
     trainer.fit(Net())
@@ -177,7 +151,7 @@ def test_gradient_accumulation_is_seen_once_per_optimizer_step():
 
 
 def test_manual_optimization():
-    logger, rec = MemLogger(), GradRecorder()
+    logger, rec = MemoryLogger(), GradRecorder()
     _trainer([GradientMonitor(log_every_n_steps=1), rec], steps=4, logger=logger).fit(Net(manual=True))
     assert len(rec.grads) == 4
     _check_against_reference(logger, rec)
@@ -194,7 +168,7 @@ def test_update_ratio_is_the_actual_update_over_the_weight():
         def on_train_batch_end(self, trainer, pl_module, *args):
             self.after.append({n: p.detach().double().clone() for n, p in pl_module.named_parameters()})
 
-    logger, w = MemLogger(), Weights()
+    logger, w = MemoryLogger(), Weights()
     _trainer([w, GradientMonitor(log_every_n_steps=2)], logger=logger).fit(Net(optimizer="adam"))
     assert sorted(logger.metrics) == [2, 4, 6]
     for step, logged in logger.metrics.items():
@@ -302,16 +276,6 @@ def test_no_device_sync_on_steps_that_do_not_log_on_cuda():
     assert trainer.global_step == 12
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 class CountingMonitor(GradientMonitor):
     """Counts the aten ops the monitor dispatches in its hooks, per step."""
 
@@ -320,12 +284,12 @@ class CountingMonitor(GradientMonitor):
         self.per_step = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        with _CountOps() as mode:
+        with OpRecorder() as mode:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         self.per_step.append(list(mode.ops))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        with _CountOps() as mode:
+        with OpRecorder() as mode:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.per_step[-1] += mode.ops
 
@@ -375,7 +339,7 @@ def test_resume_from_checkpoint_restores_detector_state(tmp_path):
 
 
 def test_group_by_module_and_include_exclude():
-    logger, rec = MemLogger(), GradRecorder()
+    logger, rec = MemoryLogger(), GradRecorder()
     mon = GradientMonitor(log_every_n_steps=1, group_by="module", exclude="layers.0.*", histograms=False)
     _trainer([mon, rec], steps=2, logger=logger).fit(Net())
     keys = logger.keys()
@@ -393,7 +357,7 @@ def test_parameters_without_a_gradient_are_reported_as_zero_and_not_as_vanishing
             super().__init__()
             self.unused = nn.Linear(4, 4)
 
-    logger, rec = MemLogger(), GradRecorder()
+    logger, rec = MemoryLogger(), GradRecorder()
     mon = GradientMonitor(log_every_n_steps=1, vanishing={"patience": 1}, check_every_n_steps=1)
     _trainer([mon, rec], steps=3, logger=logger).fit(Partial())
     for (step, logged), grads in zip(sorted(logger.metrics.items()), rec.grads):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpkit.stats.grads import grad_stats
 from bpkit.stats.histograms import LogHistogramSpec, log_histograms
 from bpkit.stats.norms import foreach_max_abs, foreach_norms, group_max, group_norms, total_norm
 from bpkit.stats.updates import snapshot, update_norms, update_ratios
+from tests._helpers import OpRecorder
 
 
 def _tensors(seed=0, shapes=((7, 5), (5,), (3, 4, 2), (1,))):
@@ -144,18 +144,6 @@ def test_update_ratio_is_the_exact_step_over_the_weight():
     assert ratios.tolist() == pytest.approx([r / b.norm().item() for r, b in zip(ref, before64)], rel=1e-5)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-    def kernels(self):
-        """Ops that launch work (views only change metadata)."""
-        return [str(f) for f in self.ops if not f.is_view]
 
 
 @pytest.mark.parametrize("fn", ["grad_stats", "histograms", "updates"])
@@ -164,7 +152,7 @@ def test_kernel_count_does_not_grow_with_the_number_of_tensors(fn):
     for n in (10, 200):
         ts = [torch.randn(3, 2) for _ in range(n)]
         snap = snapshot(ts)
-        with _Ops() as mode:
+        with OpRecorder() as mode:
             if fn == "grad_stats":
                 grad_stats(ts, ts, max_abs=True)
             elif fn == "histograms":

@@ -17,14 +17,6 @@ from bpkit.models import RNN
 from bpkit.tbptt import TBPTTTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny RNNs on a shared 2-core machine: a second intra-op thread makes every step ~10x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_text(path, n_bytes, seed=0):
     rng = np.random.default_rng(seed)

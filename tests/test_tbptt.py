@@ -21,14 +21,6 @@ from tests.hostreads import HostReadCounter
 T, B, K = 10, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny RNNs on a shared 2-core machine: a second intra-op thread makes every step ~10x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def trainer(**kwargs) -> pl.Trainer:
     base = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
