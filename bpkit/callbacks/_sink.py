@@ -16,13 +16,15 @@ import math
 import os
 import warnings
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 
 from bpkit.alert import Alert
 
 RECORD_NAME = "bpkit_record.jsonl"
-_broken: set[int] = set()
+# per Trainer (held weakly): the outputs that failed once and are skipped for the rest of its runs
+_BROKEN: "WeakKeyDictionary[Any, set[Any]]" = WeakKeyDictionary()
 
 
 def _is_rank_zero(trainer: Any) -> bool:
@@ -45,13 +47,23 @@ def record_path(trainer: Any) -> str:
     return os.path.join(base or trainer.default_root_dir, RECORD_NAME)
 
 
+def _broken(trainer: Any) -> set[Any]:
+    try:
+        return _BROKEN.setdefault(trainer, set())
+    except TypeError:  # an object that cannot be weakly referenced (a test double): no memory
+        return set()
+
+
 def _safe(trainer: Any, target: Any, what: str, fn) -> None:
-    if id(target) in _broken:
+    # a logger is known by its id (it lives as long as the Trainer), the record by ("record", path)
+    key = target if isinstance(target, tuple) else id(target)
+    broken = _broken(trainer)
+    if key in broken:
         return
     try:
         fn()
     except Exception as exc:  # a broken logger must not kill training
-        _broken.add(id(target))
+        broken.add(key)
         warnings.warn(f"bpkit: {what} failed and is skipped for the rest of the run: {exc!r}", RuntimeWarning,
                       stacklevel=3)
 

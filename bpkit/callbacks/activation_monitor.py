@@ -15,6 +15,7 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink
+from bpkit.callbacks._checks import check_bool
 from bpkit.detect.activations import ActivationRules
 from bpkit.errors import BpkitConfigError, check_float, check_int
 from bpkit.stats.activations import (ActivationStats, ModuleStats, is_auto_module, output_tensor, saturation_kind,
@@ -35,7 +36,9 @@ class ActivationMonitor(Callback):
     ``named_modules()``: ``act/mean/<m>``, ``act/std/<m>``, ``act/zero_frac/<m>``, ``act/dead_frac/<m>``,
     ``act/saturated_frac/<m>`` (tanh/sigmoid only) and the histogram ``act/hist/<m>``; with
     ``gradients=True`` the same for the gradient w.r.t. the module output under ``act_grad/``
-    (its histogram is of ``log10|g|``). Alerts ``dead`` and ``saturated`` are kept in ``.alerts``.
+    (its histogram is of ``log10|g|``). Alerts ``dead`` and ``saturated`` are kept in ``.alerts``. Under DDP the
+    statistics are summed over the ranks (one all-reduce per log step) and equal one process's on the global
+    batch: a unit is dead when it is zero on every rank, output gradients are divided by the world size.
 
     Args:
         modules: ``"auto"`` (every activation module and every Linear, Conv and RNN/LSTM/GRU layer) or a
@@ -81,11 +84,11 @@ class ActivationMonitor(Callback):
         if log_every_n_steps is not None:
             check_int("log_every_n_steps", log_every_n_steps)
         self.log_every_n_steps = log_every_n_steps
-        self.histograms = bool(histograms)
+        self.histograms = check_bool("histograms", histograms)
         self.bins = check_int("bins", bins)
         self.saturation_threshold = check_float("saturation_threshold", saturation_threshold, 0.5, 1.0,
                                                 low_inclusive=False, high_inclusive=False)
-        self.gradients = bool(gradients)
+        self.gradients = check_bool("gradients", gradients)
         self.rules = ActivationRules(dead_threshold, saturated_fraction, patience)
         self.hist_range = ActivationStats([], bins=self.bins, hist_range=hist_range).hist_range  # validated now
         self.alerts: list[Alert] = []
@@ -98,6 +101,7 @@ class ActivationMonitor(Callback):
         self._collecting_step: int | None = None
         self._step_calls = 0
         self._warned_empty = False
+        self._world_size = 1
 
     @property
     @override
@@ -167,6 +171,7 @@ class ActivationMonitor(Callback):
         if self._collecting_step is None:
             self._collecting_step = trainer.global_step
             self._step_calls = 0
+        self._world_size = trainer.world_size
         self._attach()
 
     @override
@@ -207,6 +212,10 @@ class ActivationMonitor(Callback):
 
     def _grad_hook(self, name: str, dim: int, grad: torch.Tensor) -> None:
         if self._grad is not None:
+            if self._world_size > 1:
+                # each rank's loss averages its own part of the batch, so its output gradients are world_size
+                # times those of the global batch (DDP/FSDP divide the parameter gradients the same way)
+                grad = grad / self._world_size
             self._grad.update(name, grad, dim)
 
     # ----------------------------------------------------------------- log step
@@ -233,8 +242,9 @@ class ActivationMonitor(Callback):
         host = readback({"stats": packed})["stats"]
         self._act.reset()
         split = parts[0].numel()
-        acts = self._act.summarize(host[:split])
-        grads = self._grad.summarize(host[split:]) if self._grad is not None else {}
+        summed = trainer.world_size > 1
+        acts = self._act.summarize(host[:split], one_batch_over_ranks=summed)
+        grads = self._grad.summarize(host[split:], one_batch_over_ranks=summed) if self._grad is not None else {}
         if self._grad is not None:
             self._grad.reset()
 

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink
+from bpkit.callbacks._checks import check_bool
 from bpkit.errors import BpkitConfigError, check_choice, check_int
 from bpkit.gradcheck import MODES, GradcheckError, GradcheckReport, check_gradients
 from bpkit.gradcheck.check import validate_options
@@ -84,7 +85,8 @@ class GradientCheck(Callback):
         if progress not in (True, False, "auto"):
             raise BpkitConfigError("progress", progress, "true, false or 'auto'")
         self.progress = progress
-        self.batch_independence = bool(batch_independence)
+        self.batch_independence = check_bool("batch_independence", batch_independence)
+        check_bool("train", train)
         self._kwargs: dict[str, Any] = dict(mode=mode, params=params, n_directions=n_directions,
                                             max_elements=max_elements, eps=eps, rtol=rtol, atol=atol, dtype=dtype,
                                             train=train, seed=seed, batch_independence=self.batch_independence)

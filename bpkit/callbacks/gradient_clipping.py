@@ -18,6 +18,7 @@ from bpkit.clip import POLICIES, ClipPolicy, make_policy
 from bpkit.errors import BpkitConfigError, check_choice, check_int
 from bpkit.stats import norms as _norms
 from bpkit.stats.readback import readback
+from bpkit.stats.sharded import ShardReduce, coalesce_grads_
 
 
 class GradientClipping(Callback):
@@ -130,41 +131,61 @@ class GradientClipping(Callback):
         params = [p for p in self._order(pl_module, optimizer) if p.grad is not None]
         if not params:
             return
-        grads = [p.grad for p in params]
+        coalesce_grads_(params)
+        full_grads = [p.grad for p in params]
+        sharded = ShardReduce.of(full_grads)
         index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         policy = self._policy(index, pl_module)
+        # policies act on what this rank holds: FSDP2 local shards, sparse gradients' values (views)
+        grads = policy.pieces(full_grads)
+        if sharded is not None and self.policy == "agc":
+            raise BpkitConfigError("policy", "agc", "a policy other than agc with sharded (FSDP) parameters: "
+                                                    "AGC's per-unit norms would need the full tensors")
         self._steps[index] = self._steps.get(index, 0) + 1
         every = self._every(trainer)
         log_now = every > 0 and self._steps[index] % every == 0
 
         total = None
         if policy.needs_total_norm or log_now:
-            total = self._total_norm(trainer, pl_module, optimizer, params, grads, policy.norm_type)
+            total = self._total_norm(trainer, pl_module, optimizer, params, full_grads, policy.norm_type)
+        # a skip decided by another rank must leave this rank's statistics as that rank's: keep them to redo
+        before = policy.state_dict() if self.policy == "skip" and trainer.world_size > 1 else None
         result = policy.apply(params, grads, total if policy.needs_total_norm else None)
 
         flag = result.clipped.to(torch.float32)
+        if sharded is not None and not policy.needs_total_norm:  # value clipping: clipped on any shard
+            flag = sharded.any(result.clipped).to(torch.float32)
         if result.skip is not None:
-            skipped = self._maybe_skip(trainer, params, result)
+            skipped, here = self._maybe_skip(trainer, params, result)
+            if skipped and not here and before is not None:
+                # another rank skipped: fold this step as a skipped one (a non-finite norm is never folded)
+                policy.load_state_dict(before)
+                policy.apply(params, [], torch.full_like(result.norm_pre, float("nan")))
             flag = torch.full_like(flag, float(skipped))  # the decision taken (across ranks), from the host
 
         count = self._clipped.get(index)
         self._clipped[index] = flag if count is None else count.to(flag.device) + flag
         self._since[index] = self._since.get(index, 0) + 1
         if log_now:
-            self._log(trainer, index, result, total, grads, policy.norm_type)
+            self._log(trainer, index, result, total, full_grads, policy.norm_type)
 
-    def _maybe_skip(self, trainer: "pl.Trainer", params: list[torch.Tensor], result: Any) -> bool:
+    def _maybe_skip(self, trainer: "pl.Trainer", params: list[torch.Tensor], result: Any) -> tuple[bool, bool]:
+        """(the decision agreed by all ranks, this rank's own wish)."""
         # the one host read of this policy: the decision, packed with what the alert needs
         values = readback({"skip": result.skip, "norm": result.norm_pre, "threshold": result.threshold})
-        decision = bool(values["skip"])
+        here = decision = bool(values["skip"])
         if trainer.world_size > 1:
             decision = trainer.strategy.reduce_boolean_decision(decision, all=False)
         if not decision:
-            return False
+            return False, here
         for p in params:
             p.grad = None  # torch optimizers skip parameters without a gradient: no update, no state change
         norm, threshold = float(values["norm"]), float(values["threshold"])
-        if math.isfinite(norm):
+        if not here:
+            alert = Alert("spike", int(trainer.global_step), "total gradient norm", norm, threshold,
+                          f"another rank's gradient norm was non-finite or an outlier (this rank's: {norm:.4g}): "
+                          "this update was skipped on every rank")
+        elif math.isfinite(norm):
             alert = Alert("spike", int(trainer.global_step), "total gradient norm", norm, threshold,
                           f"gradient norm {norm:.4g} is an outlier (threshold {threshold:.4g}): this update was skipped")
         else:
@@ -172,7 +193,7 @@ class GradientClipping(Callback):
                           f"gradient norm is {norm}: this update was skipped")
         self.alerts.append(alert)
         _sink.log_alert(trainer, alert)
-        return True
+        return True, here
 
     def _log(self, trainer: "pl.Trainer", index: int, result: Any, total: torch.Tensor | None,
              grads: list[torch.Tensor], norm_type: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,8 +16,10 @@ from typing_extensions import override
 
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink, _step_cache
+from bpkit.callbacks._checks import check_bool, check_globs
 from bpkit.detect import (ExplodingDetector, ExplodingGradientError, NonFiniteDetector, NonFiniteGradientError,
                           SpikeDetector, VanishingDetector)
+from bpkit.detect.nonfinite import nonfinite_message
 from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
 from bpkit.stats.grads import GradStats, grad_stats
 from bpkit.stats.histograms import LogHistogramSpec, log_histograms
@@ -45,16 +48,6 @@ def _detector_kwargs(key: str, value: Any, cls: type) -> dict[str, Any] | None:
     except BpkitConfigError as err:
         raise err.with_prefix(key) from None
     return dict(value)
-
-
-def _globs(key: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    items = (value,) if isinstance(value, str) else tuple(value)
-    for item in items:
-        if not isinstance(item, str) or not item:
-            raise BpkitConfigError(key, value, "a glob string or a list of glob strings such as 'blocks.*.weight'")
-    return items
 
 
 class _Plan:
@@ -154,11 +147,11 @@ class GradientMonitor(Callback):
         if log_every_n_steps is not None:
             check_int("log_every_n_steps", log_every_n_steps, 1)
         self.log_every_n_steps = log_every_n_steps
-        self.per_layer = bool(per_layer)
-        self.histograms = bool(histograms)
-        self.update_ratio = bool(update_ratio)
-        self.include = _globs("include", include)
-        self.exclude = _globs("exclude", exclude)
+        self.per_layer = check_bool("per_layer", per_layer)
+        self.histograms = check_bool("histograms", histograms)
+        self.update_ratio = check_bool("update_ratio", update_ratio)
+        self.include = check_globs("include", include)
+        self.exclude = check_globs("exclude", exclude)
         self.group_by = check_choice("group_by", group_by, GROUP_BY)
         self.check_every_n_steps = check_int("check_every_n_steps", check_every_n_steps, 1)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ACTIONS)
@@ -168,7 +161,7 @@ class GradientMonitor(Callback):
         self._spike = _detector_kwargs("spike", spike, SpikeDetector)
         if on_exploding != "warn" and self._exploding is None:
             raise BpkitConfigError("on_exploding", on_exploding, "'warn' when the exploding detector is off")
-        if isinstance(histogram_range, str) or len(histogram_range) != 2:
+        if not isinstance(histogram_range, Sequence) or isinstance(histogram_range, str) or len(histogram_range) != 2:
             raise BpkitConfigError("histogram_range", histogram_range, "a pair (low, high) of log10 magnitudes")
         low = check_float("histogram_range[0]", histogram_range[0])
         high = check_float("histogram_range[1]", histogram_range[1], low, low_inclusive=False)
@@ -184,6 +177,7 @@ class GradientMonitor(Callback):
         self._interval = 50
         self._step_t: torch.Tensor | None = None
         self._stepped = False
+        self._inactive = False
 
     @property
     def state_key(self) -> str:
@@ -202,7 +196,15 @@ class GradientMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._interval = self.log_every_n_steps or trainer.log_every_n_steps or 50
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        example = names[0] if names else "no trainable parameters"
+        self._inactive = not names
+        if not names:
+            if self.include or self.exclude:
+                raise BpkitConfigError("include" if self.include else "exclude", list(self.include or self.exclude),
+                                       "no include/exclude: this model has no trainable parameters")
+            warnings.warn(f"bpkit GradientMonitor: {type(pl_module).__name__} has no trainable parameters; "
+                          "there are no gradients to monitor and nothing is logged.", UserWarning, stacklevel=2)
+            return
+        example = names[0]
         for key, globs in (("include", self.include), ("exclude", self.exclude)):
             for g in globs:
                 if not any(fnmatch.fnmatchcase(n, g) for n in names):
@@ -258,7 +260,7 @@ class GradientMonitor(Callback):
     @override
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        plan = self._plan(trainer, pl_module, optimizer)
+        plan = None if self._inactive else self._plan(trainer, pl_module, optimizer)
         if plan is None:
             return
         self._stepped = True
@@ -305,7 +307,7 @@ class GradientMonitor(Callback):
             flags = torch.stack([c[2] for c in checks]).tolist()
             for (kind, action, _), flag in zip(checks, flags):
                 if trainer.strategy.reduce_boolean_decision(bool(flag), all=False):
-                    self._act(trainer, optimizer, plan, kind, action)
+                    self._act(trainer, optimizer, plan, kind, action, units.nonfinite)
                     break
 
     @staticmethod
@@ -343,9 +345,18 @@ class GradientMonitor(Callback):
             plan.snapshot_units = seg
         plan.pending = pending
 
-    def _act(self, trainer: pl.Trainer, optimizer: Any, plan: _Plan, kind: str, action: str) -> None:
+    def _act(self, trainer: pl.Trainer, optimizer: Any, plan: _Plan, kind: str, action: str,
+             nonfinite: torch.Tensor) -> None:
         det = plan.detectors[kind]
         found = det.alerts(Readback(det.pending()).result(), plan.units)
+        if trainer.world_size > 1 and kind == "nonfinite":
+            # every rank acts (the decision was agreed); the NaN may be on another rank's gradients only
+            # (e.g. after DDP's all-reduce): every rank, rank 0 the logger included, names the same tensors
+            mask = trainer.strategy.reduce(nonfinite.to(torch.float32), reduce_op="sum")
+            bad = [u for u, m in zip(plan.units, Readback({"m": mask}).result()["m"].tolist()) if m > 0]
+            if not found or found[0].where != ", ".join(bad):
+                step = int(trainer.global_step)
+                found = [Alert("nonfinite", step, ", ".join(bad), 1.0, 0.0, nonfinite_message(bad, step))]
         self._emit(trainer, found)
         if action == "raise":
             error = NonFiniteGradientError if kind == "nonfinite" else ExplodingGradientError

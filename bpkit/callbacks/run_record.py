@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from typing_extensions import override
 
 from bpkit.callbacks import _sink
+from bpkit.callbacks._checks import check_bool
 from bpkit.errors import check_int
 from bpkit.stats.readback import readback
 
@@ -32,7 +33,7 @@ class RunRecord(Callback):
 
     At the log cadence it copies the ``train/*`` values Lightning already holds in
     ``trainer.callback_metrics`` (one packed device-to-host copy; the record only, since Lightning logs
-    them itself) and the learning rates (``lr/group<j>``, ``lr/opt<i>/group<j>`` with several optimizers;
+    them itself; under DDP their mean over the ranks, one packed all-reduce per log step) and the learning rates (``lr/group<j>``, ``lr/opt<i>/group<j>`` with several optimizers;
     to every logger, making a W&B ``lr/`` panel). Steps that do not log read nothing from the device.
     At the end of fit it draws the gradient-flow heatmap (when a ``GradientMonitor`` logged gradient
     norms), logs it as an image (W&B, TensorBoard) under ``report/gradient_flow``, and sends every
@@ -60,8 +61,8 @@ class RunRecord(Callback):
         if log_every_n_steps is not None:
             check_int("log_every_n_steps", log_every_n_steps, 1)
         self.log_every_n_steps = log_every_n_steps
-        self.gradient_flow_image = bool(gradient_flow_image)
-        self.wandb_alerts = bool(wandb_alerts)
+        self.gradient_flow_image = check_bool("gradient_flow_image", gradient_flow_image)
+        self.wandb_alerts = check_bool("wandb_alerts", wandb_alerts)
         self.alerts_sent: list[str] = []
         self._last_step = -1
         self._ended = False
@@ -98,6 +99,8 @@ class RunRecord(Callback):
             name = key[:-5] if key.endswith("_step") else key
             if name not in train or key.endswith("_step"):
                 train[name] = value
+        if trainer.world_size > 1 and train:
+            train = self._mean_over_ranks(trainer, train)
         lrs: dict[str, Any] = {}
         multi = len(trainer.optimizers) > 1
         for i, opt in enumerate(trainer.optimizers):
@@ -110,6 +113,17 @@ class RunRecord(Callback):
         lr_values = {k[2:]: v for k, v in host.items() if k.startswith("l:")}
         if lr_values:
             _sink.log_scalars(trainer, lr_values, step)
+
+    @staticmethod
+    def _mean_over_ranks(trainer: pl.Trainer, train: dict[str, Any]) -> dict[str, Any]:
+        """Each rank holds the loss of its own batch: the record gets their mean (one packed all-reduce on a
+        log step, every rank at the same step), i.e. the loss of the global batch as one process would see it."""
+        keys = sorted(k for k, v in train.items() if isinstance(v, torch.Tensor) and v.numel() == 1)
+        if not keys:
+            return train
+        packed = torch.stack([train[k].detach().reshape(()).float() for k in keys])
+        packed = trainer.strategy.reduce(packed, reduce_op="mean")
+        return {**train, **dict(zip(keys, packed.unbind()))}
 
     @staticmethod
     def _read(values: dict[str, Any]) -> dict[str, float]:

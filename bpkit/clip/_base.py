@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from bpkit.stats.norms import foreach_norms, total_norm
+from bpkit.stats.sharded import coalesce_grads_, locals_of
 
 EPS = 1e-6  # added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
 
@@ -59,9 +60,15 @@ class ClipPolicy:
         A result with ``skip`` set to True means: do not step (see :class:`~bpkit.clip.skip.SkipOnSpike`).
         """
         params = [p for p in parameters if p.grad is not None]
-        grads = [p.grad for p in params]
-        total = total_norm(foreach_norms(grads, self.norm_type), self.norm_type) if self.needs_total_norm else None
-        return self.apply(params, grads, total)
+        coalesce_grads_(params)
+        full = [p.grad for p in params]
+        total = total_norm(foreach_norms(full, self.norm_type), self.norm_type) if self.needs_total_norm else None
+        return self.apply(params, self.pieces(full), total)
+
+    def pieces(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What :meth:`apply` scales in place: the local shards of FSDP2 gradients and the values of sparse
+        gradients (views), which the element-wise policies act on directly."""
+        return locals_of(grads)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -3,6 +3,7 @@ Without Normalization"): clip each unit's gradient relative to the norm of its w
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -101,11 +102,18 @@ class AGC(ClipPolicy):
         self._bound = True
         return self
 
+    def pieces(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(grads)  # AGC works on whole tensors (units are rows); sparse gradients are left out
+
     def _make_plan(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> Any:
         groups: dict[tuple, list[int]] = defaultdict(list)
         excluded, plan = [], []
+        sparse = [i for i, g in enumerate(grads) if g.layout != torch.strided]
+        if sparse:
+            warnings.warn(f"bpkit AGC: {len(sparse)} parameter(s) have sparse gradients (e.g. nn.Embedding(sparse=True)) "
+                          "and are not clipped; AGC needs dense per-unit gradient norms", UserWarning, stacklevel=3)
         for i, (p, g) in enumerate(zip(params, grads)):
-            if id(p) in self._excluded:
+            if id(p) in self._excluded or i in sparse:
                 excluded.append(i)
             elif p.numel() <= STACK_MAX_NUMEL:
                 groups[(unit_shape(p), g.dtype, g.device)].append(i)

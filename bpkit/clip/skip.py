@@ -8,7 +8,7 @@ import torch
 
 from bpkit.clip._base import ClipPolicy, ClipResult
 from bpkit.clip._zstats import ZStats
-from bpkit.errors import check_float, check_int
+from bpkit.errors import BpkitConfigError, check_float, check_int
 
 
 class SkipOnSpike(ClipPolicy):
@@ -49,7 +49,9 @@ class SkipOnSpike(ClipPolicy):
         self.z_thresh = check_float("z_thresh", z_thresh, 0.0, low_inclusive=False)
         self.alpha = check_float("alpha", alpha, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
-        self.skip_nonfinite = bool(skip_nonfinite)
+        if not isinstance(skip_nonfinite, bool):
+            raise BpkitConfigError("skip_nonfinite", skip_nonfinite, "true or false")
+        self.skip_nonfinite = skip_nonfinite
         self.eps = check_float("eps", eps, 0.0)
         self.stats = ZStats(self.alpha, self.warmup_steps)
 

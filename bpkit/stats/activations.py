@@ -140,6 +140,7 @@ class ActivationStats:
         for name, kind in self.saturation.items():
             if kind not in (None, "tanh", "sigmoid"):
                 raise BpkitConfigError(f"saturation[{name}]", kind, "one of tanh, sigmoid or None")
+        self._layout: list[tuple[int, int]] = []  # (row, units) of each call in the last packed(), kept by reset()
         self.reset()
 
     def reset(self) -> None:
@@ -203,10 +204,12 @@ class ActivationStats:
 
     def packed(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Everything accumulated, as ONE flat float64 tensor on the device, per module
-        ``calls, count, units, sum, sum of squares, zeros, dead units, saturated, histogram...``.
-        Every entry is a sum, so a cross-rank sum of this tensor gives the statistics of all ranks."""
+        ``calls, count, units, sum, sum of squares, zeros, dead units, saturated, histogram...``, then the
+        non-zero count of every unit of every call. Every entry is a sum, so a cross-rank sum of this tensor
+        gives the statistics of all ranks (:meth:`summarize` recounts the dead units from the summed counts)."""
         m, width = len(self.names), _HEAD + self.bins
         if not self._rows:
+            self._layout = []
             return torch.zeros(m * width, dtype=torch.float64, device=device)
         device = self._mean[0].device
         f64 = dict(dtype=torch.float64, device=device)
@@ -236,15 +239,36 @@ class ActivationStats:
                 hist[:, :1] -= zeros
             columns.append(hist)
         table = torch.zeros(m, width, **f64).index_add_(0, rows, torch.cat(columns, dim=1))
-        return table.reshape(-1)
+        # the per-unit non-zero counts go along: after a cross-rank sum a unit is dead only where it was
+        # zero on every rank's part of the batch (summing each rank's dead units would overcount)
+        self._layout = list(zip(self._rows, self._units))
+        return torch.cat([table.reshape(-1), nonzero.double()])
 
-    def summarize(self, packed: np.ndarray) -> dict[str, ModuleStats]:
+    def summarize(self, packed: np.ndarray, one_batch_over_ranks: bool = False) -> dict[str, ModuleStats]:
         """Per-module statistics from the host copy of :meth:`packed` (after any cross-rank sum).
-        Modules that saw no tensor are left out."""
-        table = np.asarray(packed, dtype=np.float64).reshape(len(self.names), _HEAD + self.bins)
+        Modules that saw no tensor are left out.
+
+        Args:
+            packed: the host copy.
+            one_batch_over_ranks: ``packed`` is the cross-rank sum of the parts of ONE global batch (DDP):
+                a unit is dead only where it is zero in every part, as one process would count it on the
+                whole batch. ``False`` counts each part's dead units as a batch of its own.
+        """
+        packed = np.asarray(packed, dtype=np.float64)
+        size = len(self.names) * (_HEAD + self.bins)
+        table = packed[:size].reshape(len(self.names), _HEAD + self.bins)
+        tail, layout = packed[size:], self._layout
+        dead_units = None
+        if one_batch_over_ranks and tail.size and tail.size == sum(u for _, u in layout):
+            dead_units, unit_total = np.zeros(len(self.names)), np.zeros(len(self.names))
+            for (row, units), counts in zip(layout, np.split(tail, np.cumsum([u for _, u in layout])[:-1])):
+                dead_units[row] += np.count_nonzero(counts == 0)
+                unit_total[row] += units
         out: dict[str, ModuleStats] = {}
-        for name, row in zip(self.names, table):
+        for i, (name, row) in enumerate(zip(self.names, table)):
             calls, count, units, total, total_sq, zeros, dead, saturated = row[:_HEAD]
+            if dead_units is not None:
+                dead, units = dead_units[i], unit_total[i]
             if calls == 0 or count == 0:
                 continue
             mean = total / count

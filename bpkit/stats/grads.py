@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bpkit.stats.norms import _stack, foreach_max_abs, group_max, group_norms, total_norm
+from bpkit.stats.sharded import ShardReduce, locals_of
 
 
 @dataclass
@@ -49,7 +50,9 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
     and the per-tensor ``max |g|``.
 
     One ``torch._foreach_norm`` launch (plus one for the weights, two for max-abs) and one stack,
-    whatever the number of tensors. Nothing is read back to the host.
+    whatever the number of tensors. Nothing is read back to the host. FSDP2 (DTensor) gradients and
+    parameters give the statistics of the full tensors (local shards plus one ``all_reduce``); sparse
+    gradients those of their values.
 
     Args:
         grads: gradients (any shapes and floating dtypes).
@@ -68,11 +71,16 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
     if n == 0:
         z = torch.zeros(0)
         return GradStats(z, z.new_zeros(()), None if params is None else z, z if max_abs else None)
-    device = grads[0].device
-    values = list(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+    reduce = ShardReduce.of(grads)
+    pieces = locals_of(grads)  # FSDP2 shards and sparse values: statistics of the local pieces, reduced
+    device = pieces[0].device
+    values = list(torch._foreach_norm(pieces, 2.0, dtype=torch.float32))
     if params is not None:
-        values += list(torch._foreach_norm(list(params), 2.0, dtype=torch.float32))
+        values += list(torch._foreach_norm(locals_of(params), 2.0, dtype=torch.float32))
     packed = _stack(values, device)
+    if reduce is not None:  # one all_reduce of every sum of squares (gradients and weights together)
+        twice = reduce if params is None else ShardReduce(reduce.mesh, reduce.counts * 2)
+        packed = twice.sum(packed.square()).sqrt()
     norms = packed[:n]
     weight_norms = packed[n:] if params is not None else None
     return GradStats(norms, total_norm(norms, 2.0), weight_norms, foreach_max_abs(grads) if max_abs else None)

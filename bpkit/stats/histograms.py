@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bpkit.stats.sharded import ShardReduce, locals_of
+
 
 @dataclass(frozen=True)
 class LogHistogramSpec:
@@ -76,7 +78,9 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
     into a wide code per element that covers the dtype's whole finite range, plus one code for
     NaN/Inf; one ``bincount`` counts every tensor at once and a small fold maps the wide codes to
     :class:`LogHistogramSpec`'s layout. Zeros are counted with one ``_foreach_norm(..., 0)``. The
-    kernel count does not depend on the number of tensors.
+    kernel count does not depend on the number of tensors. FSDP2 (DTensor) tensors are counted on
+    their local shards and the counts summed across ranks (one ``all_reduce``); a sparse tensor's
+    unstored elements count as zeros.
 
     Args:
         tensors: tensors on one device.
@@ -98,12 +102,18 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
     num_segments = n if num_segments is None else num_segments
     if n == 0:
         return torch.zeros(num_segments, spec.row_size, dtype=torch.int64)
+    reduce = ShardReduce.of(tensors)
+    # FSDP2 shards are counted where they live (replicas once) and summed below; a sparse tensor
+    # contributes its values, its other elements are zeros
+    numels = [t.numel() if t.layout == torch.sparse_coo else None for t in tensors]
+    tensors = reduce.counted(tensors) if reduce is not None else locals_of(tensors)
+    numels = [t.numel() if m is None else m for t, m in zip(tensors, numels)]
     device = tensors[0].device
     if segment_ids is None:
         segment_ids = torch.arange(n, device=device)
     groups: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.numel() == 0:
+        if numels[i] == 0:
             continue
         groups.setdefault(torch.float64 if t.dtype == torch.float64 else torch.float32, []).append(i)
     out = torch.zeros(num_segments, spec.row_size, dtype=torch.int64, device=device)
@@ -113,9 +123,10 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
         width = last - first + 3  # zero code, finite codes, NaN/Inf code
         seg = segment_ids if len(idx) == n else segment_ids[torch.as_tensor(idx, device=device)]
         # exact zeros per tensor (NaN counts as non-zero): numel minus the L0 "norm", one fused launch
-        numels = torch.as_tensor([t.numel() for t in members], device=device)
+        stored = torch.as_tensor([t.numel() for t in members], device=device)
+        implicit = torch.as_tensor([numels[i] - t.numel() for i, t in zip(idx, members)], device=device)
         nonzero = torch._foreach_norm(members, 0)
-        zeros = numels - torch.stack(nonzero).to(torch.int64)
+        explicit = stored - torch.stack(nonzero).to(torch.int64)
         flat = torch.cat([t.detach().reshape(-1) for t in members]).to(dtype)  # our own buffer: in place below
         flat = flat.abs_().clamp_min_(torch.finfo(dtype).smallest_normal)  # NaN stays NaN
         code = torch.log10(flat).sub_(spec.low).mul_(spec.bins_per_decade).floor_().sub_(first - 1)
@@ -130,7 +141,7 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
         wide = torch.bincount(code.to(torch.int64), minlength=num_segments * width).view(num_segments, width)
         out.index_add_(1, _fold(spec, first, last, device), wide)
         # the zeros were counted as underflow (lifted to the smallest normal): move them to their column
-        moved = torch.zeros(num_segments, dtype=torch.int64, device=device).index_add_(0, seg, zeros)
+        moved = torch.zeros(num_segments, dtype=torch.int64, device=device).index_add_(0, seg, explicit)
         out[:, 0] -= moved
-        out[:, spec.num_bins + 2] += moved
-    return out
+        out[:, spec.num_bins + 2] += moved + torch.zeros_like(moved).index_add_(0, seg, implicit)
+    return out if reduce is None else reduce.sum_rows(out)

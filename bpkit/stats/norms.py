@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from bpkit.stats.sharded import ShardReduce, locals_of
+
 
 def _stack(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One float32 ``(N,)`` tensor: a single ``stack`` when the values share a dtype and a device."""
@@ -22,6 +24,8 @@ def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> to
     """Norms of every tensor, stacked into one 1-D float32 tensor on the tensors' device.
 
     Uses ``torch._foreach_norm`` (one fused launch per device and dtype). Never reads to the host.
+    Sharded tensors (FSDP2 DTensors) give the norms of the full tensors (local shards plus one
+    ``all_reduce``); sparse tensors the norms of their values.
 
     Example::
 
@@ -31,8 +35,12 @@ def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> to
     """
     if len(tensors) == 0:
         return torch.zeros(0)
-    norms = torch._foreach_norm(list(tensors), float(norm_type))
-    return _stack(norms, tensors[0].device)
+    reduce = ShardReduce.of(tensors)
+    pieces = locals_of(tensors)
+    if norm_type == float("inf"):  # an empty piece (a rank's empty shard) has no inf-norm: its max is 0
+        pieces = [t if t.numel() else t.new_zeros(1) for t in pieces]
+    norms = _stack(torch._foreach_norm(pieces, float(norm_type)), pieces[0].device)
+    return norms if reduce is None else reduce.norms(norms, float(norm_type))
 
 
 def foreach_max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -49,7 +57,12 @@ def foreach_max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if len(tensors) == 0:
         return torch.zeros(0)
-    return _stack(torch._foreach_max(torch._foreach_abs(list(tensors))), tensors[0].device)
+    reduce = ShardReduce.of(tensors)
+    pieces = locals_of(tensors)
+    # an empty piece (a rank's empty shard, a sparse tensor without values) has no max: use a zero
+    pieces = [t if t.numel() else t.new_zeros(1) for t in pieces]
+    out = _stack(torch._foreach_max(torch._foreach_abs(pieces)), pieces[0].device)
+    return out if reduce is None else reduce.max(out)
 
 
 def total_norm(per_tensor: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import torch
 
 from bpkit.stats.norms import _stack
+from bpkit.stats.sharded import ShardReduce, local
 
 
 @torch.no_grad()
 def snapshot(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """All parameters flattened into one new float32 buffer (one kernel).
+    """All parameters flattened into one new float32 buffer (one kernel); for FSDP2 parameters, this rank's shards.
 
     Example::
 
@@ -26,7 +27,7 @@ def snapshot(params: Sequence[torch.Tensor]) -> torch.Tensor:
         >>> snapshot([torch.ones(2, 2), torch.zeros(1)]).tolist()
         [1.0, 1.0, 1.0, 1.0, 0.0]
     """
-    return torch.cat([p.detach().reshape(-1).float() for p in params])
+    return torch.cat([local(p).detach().reshape(-1).float() for p in params])
 
 
 @torch.no_grad()
@@ -42,8 +43,10 @@ def update_norms(params: Sequence[torch.Tensor], before: torch.Tensor) -> torch.
         tensor([4.2426, 0.0000])
     """
     delta = snapshot(params) - before
-    pieces = delta.split([p.numel() for p in params])
-    return _stack(torch._foreach_norm(list(pieces), 2.0), before.device)
+    pieces = delta.split([local(p).numel() for p in params])
+    norms = _stack(torch._foreach_norm(list(pieces), 2.0), before.device)
+    reduce = ShardReduce.of(params)
+    return norms if reduce is None else reduce.norms(norms)
 
 
 def update_ratios(update: torch.Tensor, weight_norms: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
