@@ -85,9 +85,10 @@ def make_model(name: str, smoke: bool) -> tuple[nn.Module, Callable[[int], tuple
         if name == "resnet":  # 52 tensors, ~2.4M parameters
             return (ResNet(3, 10, depth=8, width=48, stages=3),
                     lambda n: (torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
-        if name == "lstm":  # 2 layers: 10 tensors, ~12.7M parameters
+        if name == "lstm":  # 2 layers: 10 tensors, ~12.7M parameters; T=100 on a GPU, 20 on a CPU
+            steps = 100 if DEVICE == "cuda" else 20
             return (RNN("lstm", input_size=64, hidden_size=880, num_layers=2, out_features=10),
-                    lambda n: (torch.rand(n, 100, 64, generator=g), torch.rand(n, 10, generator=g)), "mse")
+                    lambda n: (torch.rand(n, steps, 64, generator=g), torch.rand(n, 10, generator=g)), "mse")
     if name == "mlp":  # 20 tensors like design.md's MLP, scaled down for a CPU
         width = 64 if smoke else 512
         return (MLP(64, 10, depth=10, width=width),

@@ -106,11 +106,12 @@ def log_histograms(trainer: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]]
     })
 
 
-def log_alert(trainer: Any, alert: Alert) -> None:
-    """Warn with the alert's plain message and write it to the run record (rank 0 only)."""
+def log_alert(trainer: Any, alert: Alert, warn: bool = True) -> None:
+    """Warn with the alert's plain message (unless ``warn=False``) and write it to the run record (rank 0 only)."""
     if not _is_rank_zero(trainer):
         return
-    warnings.warn(str(alert), UserWarning, stacklevel=3)
+    if warn:
+        warnings.warn(str(alert), UserWarning, stacklevel=3)
     _append_record(trainer, {"type": "alert", "step": int(alert.step), "data": alert.to_dict()})
 
 

@@ -147,6 +147,7 @@ class GradientMonitor(Callback):
         if log_every_n_steps is not None:
             check_int("log_every_n_steps", log_every_n_steps, 1)
         self.log_every_n_steps = log_every_n_steps
+        self._warned_at: dict[str, int] = {}
         self.per_layer = check_bool("per_layer", per_layer)
         self.histograms = check_bool("histograms", histograms)
         self.update_ratio = check_bool("update_ratio", update_ratio)
@@ -468,7 +469,13 @@ class GradientMonitor(Callback):
             self.alerts.append(alert)
             if log_metric:
                 _sink.log_scalars(trainer, {f"grad/alert/{alert.kind}": 1.0}, trainer.global_step)
-            _sink.log_alert(trainer, alert)
+            # a run that keeps producing NaN would print a warning per step: warn once per kind and ten log
+            # intervals; every alert still goes to .alerts, grad/alert/<kind> and the run record
+            last = self._warned_at.get(alert.kind)
+            warn = last is None or alert.step - last >= 10 * getattr(self, "_interval", 50)
+            if warn:
+                self._warned_at[alert.kind] = alert.step
+            _sink.log_alert(trainer, alert, warn=warn)
 
     # ---------------------------------------------------------------- checkpointing
 
