@@ -54,6 +54,15 @@ class Detector:
     def pending(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _take_events(self, host: Any) -> int:
+        """Events counted since the last report (0 if none); clears the ``count``/``first_step`` state."""
+        count = int(host["count"])
+        if not self._ready or count == 0:
+            return 0
+        self.count.zero_()
+        self.first_step.fill_(-1)
+        return count
+
 
 def join_names(names: Sequence[str], limit: int = 6) -> str:
     """``a, b, c`` or ``a, b, c, ... z (12 in all)`` for long lists."""

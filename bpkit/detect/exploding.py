@@ -118,11 +118,9 @@ class ExplodingDetector(Detector):
                 "first_median": self.first_median, "peak": self.peak, "growth": self.growth}
 
     def alerts(self, host: Mapping[str, np.ndarray], names: Sequence[str]) -> list[Alert]:
-        count = int(host["count"])
-        if not self._ready or count == 0:
+        count = self._take_events(host)
+        if count == 0:
             return []
-        self.count.zero_()
-        self.first_step.fill_(-1)
         self.peak.zero_()
         growth = np.asarray(host["growth"], dtype=np.float64).reshape(-1)
         order = [i for i in np.argsort(-growth) if growth[i] > 1.0][:3]

@@ -53,11 +53,9 @@ class NonFiniteDetector(Detector):
         return {"count": self.count, "first_step": self.first_step, "first_mask": self.first_mask}
 
     def alerts(self, host: Mapping[str, np.ndarray], names: Sequence[str]) -> list[Alert]:
-        count = int(host["count"])
-        if not self._ready or count == 0:
+        count = self._take_events(host)
+        if count == 0:
             return []
-        self.count.zero_()
-        self.first_step.fill_(-1)
         bad = [n for n, m in zip(names, np.asarray(host["first_mask"]).reshape(-1)) if m]
         step = int(host["first_step"])
         return [Alert("nonfinite", step, ", ".join(bad), float(count), 0.0, nonfinite_message(bad, step, count))]

@@ -255,15 +255,20 @@ def loss(run: RunData) -> Figure | None:
         color = {"spike": "crimson", "nonfinite": "black", "exploding": "purple"}[kind]
         ax.axvline(int(a["step"]), color=color, ls=":", lw=1.2, label=None if label in marked else label)
         marked.add(label)
-    finite = np.concatenate([v[np.isfinite(v)], vv[np.isfinite(vv)]])
+    finish_loss_axes(ax, [v, vv], "loss", "Loss (dotted lines: alerts)")
+    return fig
+
+
+def finish_loss_axes(ax: Any, series: list[np.ndarray], ylabel: str, title: str) -> None:
+    """Log scale when the finite values span more than two decades; labels, legend, grid."""
+    finite = np.concatenate([np.asarray(v)[np.isfinite(v)] for v in series]) if series else np.zeros(0)
     if len(finite) and np.all(finite > 0) and finite.max() / finite.min() > 100:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss (dotted lines: alerts)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
-    return fig
 
 
 def all_figures(run: RunData) -> list[tuple[str, str, Figure]]:

@@ -223,12 +223,5 @@ def _sweep_loss(rows: list[JobRow]) -> Any:
     ax = fig.add_subplot()
     for r, (s, v) in series:
         ax.plot(s, v, lw=1.2, label=f"{r.name}: {' '.join(r.overrides)[:50]}")
-    finite = np.concatenate([v[np.isfinite(v)] for _, (_, v) in series])
-    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 100:
-        ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train/loss")
-    ax.set_title("Training loss per job")
-    ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
+    plots.finish_loss_axes(ax, [v for _, (_, v) in series], "train/loss", "Training loss per job")
     return fig
