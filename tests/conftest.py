@@ -29,3 +29,10 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Trainers without a default_root_dir write their checkpoints and run records into the working
+    directory: keep those out of the checkout."""
+    monkeypatch.chdir(tmp_path)
