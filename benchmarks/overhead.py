@@ -58,7 +58,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -103,6 +103,9 @@ def make_model(name: str, smoke: bool) -> tuple[nn.Module, Callable[[int], tuple
         hidden = 16 if smoke else 256
         return (RNN("lstm", input_size=2, hidden_size=hidden, num_layers=2, out_features=1),
                 lambda n: (torch.rand(n, 10 if smoke else 50, 2, generator=g), torch.rand(n, 1, generator=g)), "mse")
+    if name.startswith("mlp_depth"):  # --scaling: width 32, depth from the name
+        return (MLP(32, 10, depth=int(name[len("mlp_depth"):]), width=32),
+                lambda n: (torch.rand(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -302,18 +305,8 @@ def scaling(root: str, batch: int) -> list[dict[str, Any]]:
     """Aten ops per step added by GradientMonitor (default cadence, non-log steps) vs number of tensors."""
     rows = []
     for depth in (10, 50, 200):
-        def make(name, smoke, depth=depth):
-            g = torch.Generator().manual_seed(0)
-            return (MLP(32, 10, depth=depth, width=32),
-                    lambda n: (torch.rand(n, 32, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
-
-        global make_model
-        saved, make_model = make_model, make
-        try:
-            bare = ops_per_step("scaled", "bare", 3, batch, True, root)
-            monitored = ops_per_step("scaled", "gradient_monitor_warn", 3, batch, True, root)
-        finally:
-            make_model = saved
+        bare = ops_per_step(f"mlp_depth{depth}", "bare", 3, batch, True, root)
+        monitored = ops_per_step(f"mlp_depth{depth}", "gradient_monitor_warn", 3, batch, True, root)
         rows.append({"layers": depth, "tensors": 2 * depth, "ops_bare": bare, "ops_added": monitored - bare})
     return rows
 

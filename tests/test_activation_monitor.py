@@ -93,6 +93,16 @@ def small_mlp(activation="relu", **kw):
     return MLP(16, 4, depth=3, width=12, activation=activation, **kw)
 
 
+def dead_mlp():
+    """A ReLU MLP whose biases of -10 keep every hidden unit at zero."""
+    torch.manual_seed(0)
+    net = small_mlp()
+    with torch.no_grad():
+        for block in net.blocks:
+            block.linear.bias.fill_(-10.0)
+    return net
+
+
 class Reference(Callback):
     """Captures module outputs and output gradients with its OWN hooks, in float64, at every step."""
 
@@ -157,11 +167,7 @@ def test_logged_statistics_match_independent_capture():
 
 
 def test_histograms_and_alerts_reach_the_run_record(tmp_path):
-    torch.manual_seed(0)
-    net = small_mlp()
-    with torch.no_grad():
-        for block in net.blocks:
-            block.linear.bias.fill_(-10.0)
+    net = dead_mlp()
     monitor = ActivationMonitor(log_every_n_steps=1, patience=2, bins=8, gradients=True)
     ref = Reference(["net.blocks.0.linear"])
     trainer([monitor, ref], max_steps=3, logger=CSVLogger(tmp_path)).fit(Lit(net), loader())
@@ -187,11 +193,7 @@ def _alerts(net, steps=6, **kw):
 
 
 def test_relu_mlp_with_negative_biases_is_flagged_dead():
-    torch.manual_seed(0)
-    net = small_mlp()
-    with torch.no_grad():
-        for block in net.blocks:
-            block.linear.bias.fill_(-10.0)
+    net = dead_mlp()
     alerts = _alerts(net)
     assert [a.kind for a in alerts] == ["dead"]
     assert alerts[0].where == "net.blocks.0.act, net.blocks.1.act"
@@ -322,11 +324,7 @@ def test_gradient_accumulation_and_checkpointing_count_each_microbatch_once():
 
 
 def test_state_dict_round_trip_through_a_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    net = small_mlp()
-    with torch.no_grad():
-        for block in net.blocks:
-            block.linear.bias.fill_(-10.0)
+    net = dead_mlp()
     model = Lit(net)
     monitor = ActivationMonitor(log_every_n_steps=1, patience=2)
     t = trainer([monitor], max_steps=3)

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bpkit.errors import BpkitConfigError
 from bpkit.report import html as H
 from bpkit.report import plots
