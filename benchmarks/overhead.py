@@ -5,6 +5,8 @@ a residual CNN and an LSTM from ``bpkit.models``, trained by a real Lightning Tr
 in-memory random data:
 
 - ``bare``: no monitoring;
+- ``lightning_clip``: no monitoring, ``Trainer(gradient_clip_val=1.0)``: the clipping that bpkit's
+  default set (which clips too) replaces;
 - ``lightning_grad_norm``: Lightning's documented recipe, ``self.log_dict(grad_norm(module, 2))``
   in ``on_before_optimizer_step``, every step;
 - ``wandb_watch_all``: ``wandb.watch(model, log="all", log_freq=50)`` in an offline run (and ``_f1``:
@@ -156,6 +158,7 @@ class WandbWatch(pl.Callback):
 # name -> a function returning the callbacks of one run; extend this dict to benchmark more callbacks
 CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "bare": lambda: [],
+    "lightning_clip": lambda: [],  # bare + Trainer(gradient_clip_val=1.0): what bpkit_default's clipping replaces
     "lightning_grad_norm": lambda: [LightningGradNorm()],
     "wandb_watch_all": lambda: [WandbWatch(50)],
     "wandb_watch_all_f1": lambda: [WandbWatch(1)],
@@ -167,6 +170,9 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
                            ActivationMonitor(log_every_n_steps=1), GradientClipping("norm", log_every_n_steps=1)],
 }
 
+
+# Trainer arguments of a configuration, when it needs any
+TRAINER_KWARGS: dict[str, dict[str, Any]] = {"lightning_clip": {"gradient_clip_val": 1.0}}
 
 # ----------------------------------------------------------------- measurement
 
@@ -290,7 +296,7 @@ def run_once(model_name: str, config: str, steps: int, batch: int, smoke: bool, 
     trainer = pl.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
                          enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                         callbacks=[*CONFIGS[config](), timer, *extra])
+                         callbacks=[*CONFIGS[config](), timer, *extra], **TRAINER_KWARGS.get(config, {}))
     trainer.fit(Task(model, batches, loss))
     return timer.times
 

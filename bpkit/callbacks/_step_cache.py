@@ -37,9 +37,10 @@ def _key(trainer: Any, optimizer: Any) -> tuple:
 
 
 def publish(pl_module: Any, trainer: Any, optimizer: Any, params: list[torch.Tensor], per_tensor: torch.Tensor,
-            total: torch.Tensor, norm_type: float = 2.0) -> None:
-    _CACHE[pl_module] = StepNorms(_key(trainer, optimizer), tuple(id(p) for p in params), float(norm_type),
-                                  per_tensor, total)
+            total: torch.Tensor, norm_type: float = 2.0, param_ids: tuple[int, ...] | None = None) -> None:
+    """``param_ids``: ``tuple(id(p) for p in params)`` when the caller keeps it (saves a loop per step)."""
+    ids = param_ids if param_ids is not None else tuple(id(p) for p in params)
+    _CACHE[pl_module] = StepNorms(_key(trainer, optimizer), ids, float(norm_type), per_tensor, total)
 
 
 def lookup(pl_module: Any, trainer: Any, optimizer: Any, params: list[torch.Tensor],

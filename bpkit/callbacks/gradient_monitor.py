@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from bpkit.stats.grads import GradStats, grad_stats
 from bpkit.stats.histograms import LogHistogramSpec, log_histograms
 from bpkit.stats.norms import group_norms
 from bpkit.stats.readback import Readback
+from bpkit.stats.step_rows import StepRows
 from bpkit.stats.updates import snapshot, update_norms, update_ratios
 
 ACTIONS = ("warn", "skip", "stop", "raise")
@@ -54,9 +56,10 @@ class _Plan:
     """What the monitor watches for one optimizer, and the detectors' state for it."""
 
     def __init__(self, params: list[torch.Tensor], names: list[str], group_by: str, device: torch.device,
-                 covers_all: bool) -> None:
+                 covers_all: bool, interval: int, check_every: int) -> None:
         self.params, self.names, self.covers_all = params, names, covers_all
-        if group_by == "module":
+        self.grouped = group_by == "module"
+        if self.grouped:
             self.units: list[str] = []
             index = []
             for name in names:
@@ -64,20 +67,20 @@ class _Plan:
                 if unit not in self.units:
                     self.units.append(unit)
                 index.append(self.units.index(unit))
-            self.unit_of = torch.as_tensor(index, dtype=torch.int64, device=device)
-            self.grouped = True
         else:
-            self.units = list(names)
-            self.unit_of = torch.arange(len(names), device=device)
-            self.grouped = False
+            self.units, index = list(names), list(range(len(names)))
+        self.unit_of_host = np.array(index, dtype=np.int64)
+        self.unit_of = torch.as_tensor(index, dtype=torch.int64, device=device)
         # the vanishing rule looks at weight matrices/kernels only: a bias or a norm scale can have a
         # near-zero gradient by construction (a bias right before batch norm gets exactly zero)
-        matrix = torch.as_tensor([p.dim() >= 2 for p in params], device=device)
-        if self.grouped:
-            matrix = torch.zeros(len(self.units), dtype=torch.bool, device=device).index_put_(
-                (self.unit_of,), matrix, accumulate=True)
-        self.vanishing_eligible = matrix
+        self.vanishing_eligible = self.units_present(np.array([p.dim() >= 2 for p in params]))
         self.detectors: dict[str, Any] = {}
+        width = len(self.units)
+        # one row per optimizer step (unit norms, total) and per check step (unit and weight norms),
+        # read back at the next log step and replayed through the detectors there
+        self.rows = StepRows([(width,), ()], interval + 2)
+        self.checks = StepRows([(width,), (width,)], interval // check_every + 3)
+        self.param_ids = tuple(id(p) for p in params)
         self.pending: dict[str, torch.Tensor] | None = None
         self.snapshot: torch.Tensor | None = None
         self.snapshot_params: list[torch.Tensor] = []
@@ -85,6 +88,14 @@ class _Plan:
 
     def units_of(self, stats: GradStats) -> GradStats:
         return stats.grouped(self.unit_of, len(self.units)) if self.grouped else stats
+
+    def units_present(self, present: np.ndarray) -> np.ndarray:
+        """Per unit: does any of its tensors have the property (host booleans per tensor)."""
+        if not self.grouped:
+            return present.astype(bool)
+        hits = np.zeros(len(self.units), dtype=np.int64)
+        np.add.at(hits, self.unit_of_host, present.astype(np.int64))
+        return hits > 0
 
 
 class GradientMonitor(Callback):
@@ -101,7 +112,8 @@ class GradientMonitor(Callback):
 
     Args:
         log_every_n_steps: read back and log every this many optimizer steps (default: the Trainer's
-            ``log_every_n_steps``). Detection runs on every step regardless.
+            ``log_every_n_steps``). Detection covers every step regardless: each step writes its norms
+            into a device buffer, which is read back here and replayed through the rules.
         per_layer: log per-tensor (per-module) scalars; ``False`` logs the totals and alerts only.
         histograms: log fixed-range log10-magnitude histograms of gradients and weights.
         update_ratio: log ``||w_after - w_before|| / ||w_before||`` (exact: the weights are copied before
@@ -111,16 +123,17 @@ class GradientMonitor(Callback):
         group_by: ``parameter`` (one entry per tensor) or ``module`` (per owning module, for big models).
         on_nonfinite: ``skip`` (default: drop the update, weights and optimizer state untouched),
             ``stop`` (skip and stop training), ``raise`` or ``warn``. Every action but ``warn`` reads one
-            flag from the device per step.
-        on_exploding: ``warn`` (default), ``skip``, ``stop`` or ``raise`` for the exploding rule.
+            number (the total norm) from the device per step.
+        on_exploding: ``warn`` (default), ``skip``, ``stop`` or ``raise`` for the exploding rule. Every action
+            but ``warn`` reads the buffered norms from the device each step and runs the rules right away.
         vanishing: ``True``, ``False`` or options of :class:`bpkit.detect.VanishingDetector`
             (``rel_max``, ``rel_weight``, ``patience``).
         exploding: ``True``, ``False`` or options of :class:`bpkit.detect.ExplodingDetector`
             (``factor``, ``max_norm``, ``window``, ``warmup``, ``ema``).
         spike: ``True``, ``False`` or options of :class:`bpkit.detect.SpikeDetector` (``z``, ``alpha``,
             ``warmup``, ``min_std``), applied to the loss and to the total gradient norm.
-        check_every_n_steps: the vanishing rule (and the weight norms it needs) runs on every this many
-            steps and on logging steps; the non-finite, exploding and spike rules run on every step.
+        check_every_n_steps: the vanishing rule (and the weight norms it needs) sees every this many
+            steps and the logging steps; the non-finite, exploding and spike rules see every step.
         histogram_range: ``(low, high)`` in log10 units of the histogram bins.
         bins_per_decade: histogram bins per power of ten.
 
@@ -176,7 +189,7 @@ class GradientMonitor(Callback):
             SpikeDetector(("loss", "grad_norm_total"), **self._spike)
         self._totals: list[torch.Tensor] = []
         self._interval = 50
-        self._step_t: torch.Tensor | None = None
+        self._loss_rows = StepRows([(), ()], self._interval + 2)  # loss and total norm per batch, for the spike rule
         self._stepped = False
         self._inactive = False
 
@@ -196,6 +209,8 @@ class GradientMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._interval = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        if not len(self._loss_rows):
+            self._loss_rows = StepRows([(), ()], self._interval * max(1, int(trainer.accumulate_grad_batches or 1)) + 2)
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         self._inactive = not names
         if not names:
@@ -227,7 +242,7 @@ class GradientMonitor(Callback):
         trainable = [p for p in pl_module.parameters() if p.requires_grad]
         covers_all = len(selected) == len(trainable)
         plan = _Plan([p for _, p in selected], [n for n, _ in selected], self.group_by, selected[0][1].device,
-                     covers_all)
+                     covers_all, self._interval, self.check_every_n_steps)
         if self._vanishing is not None:
             plan.detectors["vanishing"] = VanishingDetector(**self._vanishing)
         if self._exploding is not None:
@@ -247,11 +262,6 @@ class GradientMonitor(Callback):
 
     # ---------------------------------------------------------------- the step
 
-    def _device_step(self, step: int, device: torch.device) -> torch.Tensor:
-        if self._step_t is None or self._step_t.device != device:
-            self._step_t = torch.zeros((), dtype=torch.int64, device=device)
-        return self._step_t.fill_(step)  # a fill with a host scalar: no copy, no sync
-
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -268,47 +278,59 @@ class GradientMonitor(Callback):
         step = trainer.global_step
         present = [p.grad is not None for p in plan.params]
         if all(present):
-            params, present_t, present_idx = plan.params, None, None
+            params, present_idx = plan.params, None
         elif any(present):
             params = [p for p, ok in zip(plan.params, present) if ok]
-            present_t = torch.as_tensor(present, device=params[0].device)
             present_idx = torch.as_tensor([i for i, ok in enumerate(present) if ok], device=params[0].device)
         else:
             return
         grads = [p.grad for p in params]
         log_step = (step + 1) % self._interval == 0
-        check_step = log_step or step % self.check_every_n_steps == 0
-        stats = grad_stats(grads, params if check_step else None, max_abs=log_step)
-        if (present_t is None and plan.covers_all) or self._all_with_grad(pl_module, params):
+        check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
+        device = grads[0].device
+        if plan.rows.must_drain(device) or plan.checks.must_drain(device):
+            self._replay(Readback(self._pending_rows()).result())  # only when a log interval outgrows the buffer
+        # the per-step cost of detection: the norms are written into a preallocated device buffer, replayed
+        # through the detectors at the next log step
+        row_norms, row_total = plan.rows.push(step, device)
+        direct = present_idx is None and not plan.grouped
+        stats = grad_stats(grads, params if check_step or log_step else None, max_abs=log_step,
+                           out=(row_norms, row_total) if direct else None)
+        if (present_idx is None and plan.covers_all) or self._all_with_grad(pl_module, params):
             # GradientClipping, later in this hook, reuses these norms (only when they cover every gradient)
-            _step_cache.publish(pl_module, trainer, optimizer, params, stats.norms, stats.total)
-        if present_t is not None:
+            _step_cache.publish(pl_module, trainer, optimizer, params, stats.norms, stats.total,
+                                param_ids=plan.param_ids if present_idx is None else None)
+        if present_idx is not None:
             stats = self._scatter(stats, present_idx, len(present))
         units = plan.units_of(stats)
-        step_t = self._device_step(step, stats.total.device)
-        eligible = plan.vanishing_eligible if present_t is None else \
-            plan.vanishing_eligible & self._present_units(plan, present_t)
-        det = plan.detectors
-        nonfinite = det["nonfinite"].update(units.nonfinite, step_t)
-        exploded = det["exploding"].update(stats.total, units.norms, step_t) if "exploding" in det else None
-        if "vanishing" in det and check_step:
-            det["vanishing"].update(units.norms, units.weight_norms, step_t, eligible)
+        if not direct:
+            row_norms.copy_(units.norms)
+            row_total.copy_(stats.total)
+        if check_step:
+            eligible = plan.vanishing_eligible if present_idx is None else \
+                plan.vanishing_eligible & plan.units_present(np.array(present))
+            check_norms, check_weights = plan.checks.push(step, device, eligible)
+            check_norms.copy_(units.norms)
+            check_weights.copy_(units.weight_norms)
         self._totals.append(stats.total)
 
         if log_step:
-            self._prepare_log(plan, units, stats, grads, params, None if present_t is None else present_idx)
+            self._prepare_log(plan, units, stats, grads, params, present_idx)
 
         checks = []
         if self.on_nonfinite != "warn":
-            checks.append(("nonfinite", self.on_nonfinite, nonfinite))
-        if self.on_exploding != "warn" and exploded is not None:
-            checks.append(("exploding", self.on_exploding, exploded))
+            checks.append(("nonfinite", self.on_nonfinite))
+        if self.on_exploding != "warn" and "exploding" in plan.detectors:
+            checks.append(("exploding", self.on_exploding))
         if checks:
-            # the one host read an action needs per step: a single copy of 1-2 flags
-            flags = torch.stack([c[2] for c in checks]).tolist()
-            for (kind, action, _), flag in zip(checks, flags):
-                if trainer.strategy.reduce_boolean_decision(bool(flag), all=False):
-                    self._act(trainer, optimizer, plan, kind, action, units.nonfinite)
+            # an action decides on this very step: the one host read per step that an action costs
+            if checks[-1][0] == "exploding":  # the rule needs its history: read the buffered rows and replay them
+                flags = self._replay(Readback(self._pending_rows()).result()).get(id(plan), {})
+            else:  # NaN/Inf in any gradient makes the total norm NaN/Inf: one number decides
+                flags = {"nonfinite": not math.isfinite(stats.total.item())}
+            for kind, action in checks:
+                if trainer.strategy.reduce_boolean_decision(bool(flags.get(kind, False)), all=False):
+                    self._act(trainer, optimizer, plan, kind, action, units.norms)
                     break
 
     @staticmethod
@@ -326,13 +348,6 @@ class GradientMonitor(Callback):
         return GradStats(full(stats.norms), stats.total, None if stats.weight_norms is None else full(stats.weight_norms),
                          None if stats.max_abs is None else full(stats.max_abs))
 
-    @staticmethod
-    def _present_units(plan: _Plan, present: torch.Tensor) -> torch.Tensor:
-        if not plan.grouped:
-            return present
-        hits = present.new_zeros(len(plan.units), dtype=torch.int64).index_add_(0, plan.unit_of, present.long())
-        return hits > 0
-
     def _prepare_log(self, plan: _Plan, units: GradStats, stats: GradStats, grads: list[torch.Tensor],
                      params: list[torch.Tensor], present: torch.Tensor | None) -> None:
         pending = {"norms": units.norms, "max": units.max_abs, "weight": units.weight_norms, "total": stats.total}
@@ -347,17 +362,24 @@ class GradientMonitor(Callback):
         plan.pending = pending
 
     def _act(self, trainer: pl.Trainer, optimizer: Any, plan: _Plan, kind: str, action: str,
-             nonfinite: torch.Tensor) -> None:
-        det = plan.detectors[kind]
-        found = det.alerts(Readback(det.pending()).result(), plan.units)
+             norms: torch.Tensor) -> None:
+        if self._pending_rows():  # the detector sees this step before it names the tensors
+            self._replay(Readback(self._pending_rows()).result())
+        found = plan.detectors[kind].alerts(plan.units)
         if trainer.world_size > 1 and kind == "nonfinite":
             # every rank acts (the decision was agreed); the NaN may be on another rank's gradients only
             # (e.g. after DDP's all-reduce): every rank, rank 0 the logger included, names the same tensors
+            nonfinite = torch.isnan(norms * 0)
             mask = trainer.strategy.reduce(nonfinite.to(torch.float32), reduce_op="sum")
             bad = [u for u, m in zip(plan.units, Readback({"m": mask}).result()["m"].tolist()) if m > 0]
             if not found or found[0].where != ", ".join(bad):
                 step = int(trainer.global_step)
                 found = [Alert("nonfinite", step, ", ".join(bad), 1.0, 0.0, nonfinite_message(bad, step))]
+        if not found and kind == "nonfinite":  # every tensor's norm is finite, their total overflowed float32
+            step = int(trainer.global_step)
+            found = [Alert("nonfinite", step, "total", 1.0, 0.0,
+                           f"the total gradient norm overflowed float32 at step {step} (each tensor's own norm is "
+                           "finite); lower the learning rate or clip gradients.")]
         self._emit(trainer, found)
         if action == "raise":
             error = NonFiniteGradientError if kind == "nonfinite" else ExplodingGradientError
@@ -381,6 +403,7 @@ class GradientMonitor(Callback):
         if any(plan.pending is not None for plan in self._plans.values()):
             self._flush(trainer)
 
+    @torch.no_grad()
     def _update_spikes(self, trainer: pl.Trainer, outputs: Any) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         has_loss = isinstance(loss, torch.Tensor) and loss.numel() == 1
@@ -391,12 +414,54 @@ class GradientMonitor(Callback):
             total = torch.stack(self._totals).norm()
         else:
             total = self._totals[0] if self._totals else ref.new_full((), float("nan"), dtype=torch.float32)
-        value = loss.detach().reshape(()).float() if has_loss else total.new_full((), float("nan"))
-        values = torch.stack([value, total])
         # the loss of a batch belongs to the optimizer step it fed
-        step = trainer.global_step - 1 if self._stepped else trainer.global_step
-        self._loss_spike.update(values, self._device_step(max(step, 0), values.device))
+        step = max(trainer.global_step - 1 if self._stepped else trainer.global_step, 0)
+        rows = self._loss_rows
+        if rows.must_drain(total.device):
+            self._replay(Readback(self._pending_rows()).result())  # only when a log interval outgrows the buffer
+        row_loss, row_total = rows.push(step, total.device)
+        if has_loss:
+            row_loss.copy_(loss.reshape(()))
+        else:
+            row_loss.fill_(float("nan"))
+        row_total.copy_(total)
         self._totals.clear()
+
+    def _pending_rows(self) -> dict[str, torch.Tensor]:
+        """Every buffered row not yet replayed through the detectors."""
+        out = {}
+        for i, plan in self._plans.items():
+            for name, rows in (("rows", plan.rows), ("checks", plan.checks)):
+                if len(rows):
+                    out[f"{i}/{name}"] = rows.pending()
+        if len(self._loss_rows):
+            out["loss/rows"] = self._loss_rows.pending()
+        return out
+
+    def _replay(self, host: Mapping[str, np.ndarray]) -> dict[int, dict[str, bool]]:
+        """Feed the read-back rows to the detectors in step order. Returns, per plan (by ``id``), the
+        non-finite and exploding flags of its last step."""
+        flags: dict[int, dict[str, bool]] = {}
+        for i, plan in self._plans.items():
+            width, det = len(plan.units), plan.detectors
+            if f"{i}/rows" in host:
+                steps, _ = plan.rows.take()
+                last = {}
+                for step, row in zip(steps, host[f"{i}/rows"]):
+                    norms, total = row[:width], row[width]
+                    last["nonfinite"] = det["nonfinite"].update(~np.isfinite(norms), step)
+                    if "exploding" in det:
+                        last["exploding"] = det["exploding"].update(total, norms, step)
+                flags[id(plan)] = last
+            if f"{i}/checks" in host:
+                steps, eligible = plan.checks.take()
+                for step, mask, row in zip(steps, eligible, host[f"{i}/checks"]):
+                    det["vanishing"].update(row[:width], row[width:], step, mask)
+        if "loss/rows" in host:
+            steps, _ = self._loss_rows.take()
+            for step, row in zip(steps, host["loss/rows"]):
+                self._loss_spike.update(row, step)
+        return flags
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -414,14 +479,11 @@ class GradientMonitor(Callback):
                     elif len(plan.snapshot_params) != len(plan.params):
                         upd = upd.new_zeros(len(plan.units)).index_copy_(0, plan.snapshot_units, upd)
                     tensors[f"{i}/update"] = update_ratios(upd, plan.pending["weight"])
-            for kind, det in plan.detectors.items():
-                if det._ready:
-                    tensors.update({f"{i}/{kind}/{k}": v for k, v in det.pending().items()})
-        if self._loss_spike is not None and self._loss_spike._ready:
-            tensors.update({f"loss/{k}": v for k, v in self._loss_spike.pending().items()})
+        tensors.update(self._pending_rows())
         if not tensors:
             return
         host = Readback(tensors).result()  # the one device->host copy of a log step
+        self._replay(host)
         step = trainer.global_step
         metrics: dict[str, float] = {}
         hists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -430,15 +492,10 @@ class GradientMonitor(Callback):
             if plan.pending is not None:
                 self._metrics(plan, i, host, metrics, hists)
                 plan.pending, plan.snapshot, plan.snapshot_params = None, None, []
-            for kind, det in plan.detectors.items():
-                prefix = f"{i}/{kind}/"
-                sub = {k[len(prefix):]: v for k, v in host.items() if k.startswith(prefix)}
-                if sub:
-                    found += det.alerts(sub, plan.units)
+            for det in plan.detectors.values():
+                found += det.alerts(plan.units)
         if self._loss_spike is not None:
-            sub = {k[5:]: v for k, v in host.items() if k.startswith("loss/")}
-            if sub:
-                found += self._loss_spike.alerts(sub)
+            found += self._loss_spike.alerts()
         for alert in found:
             metrics[f"grad/alert/{alert.kind}"] = metrics.get(f"grad/alert/{alert.kind}", 0.0) + 1.0
         if self.skipped_steps:
@@ -481,6 +538,8 @@ class GradientMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._pending_rows():  # a checkpoint holds every step seen so far (one read, at save time)
+            self._replay(Readback(self._pending_rows()).result())
         plans = {i: {"units": list(p.units), "detectors": {k: d.state_dict() for k, d in p.detectors.items()}}
                  for i, p in self._plans.items()}
         for i, saved in self._loaded.get("plans", {}).items():

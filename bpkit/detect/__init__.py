@@ -1,7 +1,10 @@
-"""Rules over on-device statistics that yield :class:`bpkit.Alert`. Pure torch: never imports Lightning.
+"""Rules over gradient statistics that yield :class:`bpkit.Alert`. Never imports Lightning.
 
-Each detector keeps a little state on the device (counters, running medians, EMAs), is updated
-every step without a host read, and turns one read-back copy into alerts at log time.
+The statistics are computed on the device every step and buffered there (see
+``GradientMonitor``); once per log interval the buffer is copied to the host in one read and
+replayed through these rules, step by step, in a few float operations each. Each detector
+keeps a small state (counters, running medians, EMAs) that is saved in checkpoints, and
+reports the events since its last report as alerts that name the step they happened on.
 """
 
 from bpkit.detect.exploding import ExplodingDetector, ExplodingGradientError

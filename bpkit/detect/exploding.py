@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from bpkit.alert import Alert
-from bpkit.detect._base import Detector, join_names, new_event
+from bpkit.detect._base import TINY, Detector, as_vector, join_names, median_low
 from bpkit.errors import check_float, check_int
 
 
@@ -39,12 +40,10 @@ class ExplodingDetector(Detector):
 
     Example::
 
-        >>> import torch
-        >>> from bpkit.stats.readback import readback
         >>> d = ExplodingDetector(warmup=3, patience=1)
         >>> for step, g in enumerate([1.0, 1.1, 0.9, 1.0, 50.0]):
-        ...     _ = d.update(torch.tensor(g), torch.tensor([g, 1.0]), torch.tensor(step))
-        >>> a = d.alerts(readback(d.pending()), ["w", "b"])[0]
+        ...     _ = d.update(g, [g, 1.0], step)
+        >>> a = d.alerts(["w", "b"])[0]
         >>> a.step, a.value, a.where
         (4, 50.0, 'w')
     """
@@ -66,69 +65,62 @@ class ExplodingDetector(Detector):
         # the baseline is read from the ring buffer before it wraps
         self.baseline_steps = min(check_int("baseline_steps", baseline_steps, 1), self.window)
 
-    def _init_state(self, device: torch.device, num: int) -> None:
-        self.history = torch.full((self.window,), float("nan"), device=device)
-        self.seen = torch.zeros((), dtype=torch.int64, device=device)
-        self.ema = torch.zeros(num, device=device)
-        self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_threshold = torch.zeros((), device=device)
-        self.first_median = torch.zeros((), device=device)
-        self.peak = torch.zeros((), device=device)
-        self.growth = torch.ones(num, device=device)
-        self.streak = torch.zeros((), dtype=torch.int64, device=device)
-        self.baseline = torch.full((), float("inf"), device=device)
+    def _init_state(self, num: int) -> None:
+        self.history = np.full(self.window, np.nan)  # a ring of the last `window` totals (NaN: non-finite)
+        self.seen = 0
+        self.ema = np.zeros(num)
+        self.count = 0
+        self.first_step = -1
+        self.first_threshold = 0.0
+        self.first_median = 0.0
+        self.peak = 0.0
+        self.growth = np.ones(num)
+        self.streak = 0
+        self.baseline = float("inf")
 
-    @torch.no_grad()
-    def update(self, total: torch.Tensor, norms: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """One step; returns the on-device "exploded" flag."""
-        self._ensure(norms.device, norms.numel())
-        total = total.float()
-        median = torch.nanmedian(self.history)
-        relative = torch.where(self.seen >= self.warmup, median * self.factor, float("inf"))
-        relative = torch.minimum(relative, self.baseline * self.growth_factor)
-        finite = torch.isfinite(total)
-        self.streak = torch.where(finite & (total > relative), self.streak + 1, 0)
+    def update(self, total: float, norms: Any, step: int) -> bool:
+        """One step: the total norm and the per-tensor norms (host values); returns whether it exploded."""
+        norms = as_vector(norms)
+        total, step = float(total), int(step)
+        self._ensure(norms.size)
+        median = median_low(self.history)
+        relative = median * self.factor if self.seen >= self.warmup and median == median else math.inf
+        relative = min(relative, self.baseline * self.growth_factor)
+        finite = math.isfinite(total)
+        self.streak = self.streak + 1 if finite and total > relative else 0
         exploded = self.streak >= self.patience
         threshold = relative
         if self.max_norm is not None:
-            exploded = exploded | (finite & (total > self.max_norm))
-            threshold = threshold.clamp_max(self.max_norm)
-        growth = norms / self.ema.clamp_min(torch.finfo(norms.dtype).tiny)
-        new = new_event(self.first_step, exploded)
-        self.first_step = torch.where(new, step, self.first_step)
-        self.first_threshold = torch.where(new, threshold, self.first_threshold)
-        self.first_median = torch.where(new, median, self.first_median)
-        self.growth = torch.where(new, growth, self.growth)
-        self.peak = torch.where(exploded, torch.maximum(self.peak, total), self.peak)
-        self.count += exploded
-        self.history.index_copy_(0, (self.seen % self.window).view(1),
-                                 torch.where(finite, total, float("nan")).view(1))
-        # the growth rule's baseline: the median of the first baseline_steps norms, frozen once known
-        first = torch.nanmedian(self.history[: self.baseline_steps])
-        self.baseline = torch.where(self.seen == self.baseline_steps - 1, first, self.baseline)
-        ok = torch.isfinite(norms)
-        ema = torch.where(self.seen == 0, norms, self.beta * self.ema + (1 - self.beta) * norms)
-        self.ema = torch.where(ok, ema, self.ema)
+            exploded = exploded or (finite and total > self.max_norm)
+            threshold = min(threshold, self.max_norm)
+        if exploded:
+            if self.first_step < 0:
+                self.first_step, self.first_threshold, self.first_median = step, threshold, median
+                self.growth = norms / np.maximum(self.ema, TINY)
+            self.peak = max(self.peak, total)
+            self.count += 1
+        self.history[self.seen % self.window] = total if finite else np.nan
+        if self.seen == self.baseline_steps - 1:  # the growth rule's baseline, frozen once known
+            first = median_low(self.history[: self.baseline_steps])
+            self.baseline = first if first == first else math.inf
+        ok = np.isfinite(norms)
+        ema = norms if self.seen == 0 else self.beta * self.ema + (1 - self.beta) * norms
+        self.ema = np.where(ok, ema, self.ema)
         self.seen += 1
         return exploded
 
-    def pending(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count, "first_step": self.first_step, "first_threshold": self.first_threshold,
-                "first_median": self.first_median, "peak": self.peak, "growth": self.growth}
-
-    def alerts(self, host: Mapping[str, np.ndarray], names: Sequence[str]) -> list[Alert]:
-        count = self._take_events(host)
-        if count == 0:
+    def alerts(self, names: Sequence[str]) -> list[Alert]:
+        """The explosion seen since the last call (one alert, or none); clears it."""
+        if not self._ready or self.count == 0:
             return []
-        self.peak.zero_()
-        growth = np.asarray(host["growth"], dtype=np.float64).reshape(-1)
+        peak, thr, med, growth, first = self.peak, self.first_threshold, self.first_median, self.growth, self.first_step
+        count = self._take_events()
+        self.peak = 0.0
         order = [i for i in np.argsort(-growth) if growth[i] > 1.0][:3]
         grown = [names[i] for i in order]
-        peak, thr, med = float(host["peak"]), float(host["first_threshold"]), float(host["first_median"])
         rule = f"{peak / med:.1f}x its running median {med:.3g}" if med == med and med > 0 else f"above {thr:.3g}"
         growth_txt = ", ".join(f"{names[i]} x{growth[i]:.3g}" for i in order) or "none"
         msg = (f"exploding gradients: the total gradient norm reached {peak:.3g} ({rule}; threshold {thr:.3g}) "
                f"on {count} step(s) since the last report. Fastest-growing tensors against their running average: "
                f"{growth_txt}. Clip gradients (GradientClipping), lower the learning rate or add warm-up.")
-        return [Alert("exploding", int(host["first_step"]), join_names(grown) if grown else "total", peak, thr, msg)]
+        return [Alert("exploding", first, join_names(grown) if grown else "total", peak, thr, msg)]

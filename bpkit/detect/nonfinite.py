@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from bpkit.alert import Alert
-from bpkit.detect._base import Detector, join_names, new_event
+from bpkit.detect._base import Detector, as_vector, join_names
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -20,44 +20,43 @@ class NonFiniteDetector(Detector):
 
     Example::
 
-        >>> import torch
-        >>> from bpkit.stats.readback import readback
         >>> d = NonFiniteDetector()
-        >>> _ = d.update(torch.tensor([False, True]), torch.tensor(7))
-        >>> [a.where for a in d.alerts(readback(d.pending()), ["w", "b"])]
+        >>> d.update([False, True], 7)
+        True
+        >>> [a.where for a in d.alerts(["w", "b"])]
         ['b']
     """
 
     kind = "nonfinite"
     _state_names = ("count", "first_step", "first_mask", "total_steps")
 
-    def _init_state(self, device: torch.device, num: int) -> None:
-        self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_mask = torch.zeros(num, dtype=torch.bool, device=device)
-        self.total_steps = torch.zeros((), dtype=torch.int64, device=device)
+    def _init_state(self, num: int) -> None:
+        self.count = 0
+        self.first_step = -1
+        self.first_mask = np.zeros(num, dtype=bool)
+        self.total_steps = 0
 
-    @torch.no_grad()
-    def update(self, nonfinite: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """Record one step; ``nonfinite`` is ``(N,)`` bool. Returns the on-device "any" flag."""
-        self._ensure(nonfinite.device, nonfinite.numel())
-        any_ = nonfinite.any()
-        new = new_event(self.first_step, any_)
-        self.first_step = torch.where(new, step, self.first_step)
-        self.first_mask = torch.where(new, nonfinite, self.first_mask)
-        self.count += any_
-        self.total_steps += any_
-        return any_
+    def update(self, nonfinite: Any, step: int) -> bool:
+        """Record one step; ``nonfinite`` is one flag per tensor (host values). Returns "any"."""
+        mask = as_vector(nonfinite, bool)
+        self._ensure(mask.size)
+        happened = bool(mask.any())
+        if happened:
+            if self.first_step < 0:
+                self.first_step, self.first_mask = int(step), mask
+            self.count += 1
+            self.total_steps += 1
+        return happened
 
-    def pending(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count, "first_step": self.first_step, "first_mask": self.first_mask}
-
-    def alerts(self, host: Mapping[str, np.ndarray], names: Sequence[str]) -> list[Alert]:
-        count = self._take_events(host)
+    def alerts(self, names: Sequence[str]) -> list[Alert]:
+        """The non-finite steps seen since the last call (one alert, or none); clears them."""
+        if not self._ready:
+            return []
+        step, mask = self.first_step, self.first_mask
+        count = self._take_events()
         if count == 0:
             return []
-        bad = [n for n, m in zip(names, np.asarray(host["first_mask"]).reshape(-1)) if m]
-        step = int(host["first_step"])
+        bad = [n for n, m in zip(names, mask) if m] or ["(the total norm overflowed)"]
         return [Alert("nonfinite", step, ", ".join(bad), float(count), 0.0, nonfinite_message(bad, step, count))]
 
 

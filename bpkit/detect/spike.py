@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from bpkit.alert import Alert
-from bpkit.detect._base import Detector, new_event
+from bpkit.detect._base import Detector, as_vector
 from bpkit.errors import check_float, check_int
 
 
@@ -33,13 +33,11 @@ class SpikeDetector(Detector):
 
     Example::
 
-        >>> import torch
-        >>> from bpkit.stats.readback import readback
         >>> d = SpikeDetector(("loss", "grad_norm_total"), warmup=5)
         >>> for step in range(30):
-        ...     _ = d.update(torch.tensor([2.0 + 0.1 * (step % 3), 1.0]), torch.tensor(step))
-        >>> _ = d.update(torch.tensor([40.0, 1.0]), torch.tensor(30))
-        >>> [(a.kind, a.where, a.step, a.value) for a in d.alerts(readback(d.pending()))]
+        ...     _ = d.update([2.0 + 0.1 * (step % 3), 1.0], step)
+        >>> _ = d.update([40.0, 1.0], 30)
+        >>> [(a.kind, a.where, a.step, a.value) for a in d.alerts()]
         [('spike', 'loss', 30, 40.0)]
     """
 
@@ -55,65 +53,61 @@ class SpikeDetector(Detector):
         self.warmup = check_int("warmup", warmup, 1)
         self.min_std = check_float("min_std", min_std, 0.0, low_inclusive=False)
 
-    def _init_state(self, device: torch.device, num: int) -> None:
+    def _init_state(self, num: int) -> None:
         k = len(self.names)
-        self.mean = torch.zeros(k, device=device)
-        self.var = torch.zeros(k, device=device)
-        self.seen = torch.zeros(k, dtype=torch.int64, device=device)
-        self.count = torch.zeros(k, dtype=torch.int64, device=device)
-        self.first_step = torch.full((k,), -1, dtype=torch.int64, device=device)
-        self.first_value = torch.zeros(k, device=device)
-        self.first_threshold = torch.zeros(k, device=device)
-        self.peak_z = torch.zeros(k, device=device)
+        self.mean = np.zeros(k)
+        self.var = np.zeros(k)
+        self.seen = np.zeros(k, dtype=np.int64)
+        self.count = np.zeros(k, dtype=np.int64)
+        self.first_step = np.full(k, -1, dtype=np.int64)
+        self.first_value = np.zeros(k)
+        self.first_threshold = np.zeros(k)
+        self.peak_z = np.zeros(k)
 
-    @torch.no_grad()
-    def update(self, value: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """One value per series (``(k,)``, or a 0-d tensor for one series); returns the ``(k,)`` spike flags."""
-        self._ensure(value.device)
-        x = value.detach().reshape(-1).float()
-        finite = x > 0  # False for NaN too
-        finite &= x < float("inf")
-        y = torch.log(torch.where(finite, x, 1.0))
-        std = torch.sqrt(self.var).clamp_min(self.min_std)
-        limit = self.mean + self.z * std
-        spike = finite & (self.seen >= self.warmup) & (y > limit)
-        new = new_event(self.first_step, spike)
-        self.first_step = torch.where(new, step, self.first_step)
-        self.first_value = torch.where(new, x, self.first_value)
-        self.first_threshold = torch.where(new, torch.exp(limit), self.first_threshold)
-        self.peak_z = torch.where(spike, torch.maximum(self.peak_z, (y - self.mean) / std), self.peak_z)
-        self.count += spike
-        a = torch.clamp_min(1.0 / (self.seen + 1), self.alpha)
-        delta = torch.where(finite, torch.minimum(y, limit) - self.mean, 0.0)
-        self.mean = self.mean + a * delta
-        self.var = torch.where(self.seen == 0, 0.0, (1 - a) * (self.var + a * delta * delta))
-        self.seen += finite
-        return spike
+    def update(self, value: Any, step: int) -> np.ndarray:
+        """One value per series (host values); returns one spike flag per series."""
+        self._ensure()
+        spikes = np.zeros(len(self.names), dtype=bool)
+        for i, x in enumerate(as_vector(value).tolist()):  # a few series: plain float arithmetic is fastest
+            if not 0.0 < x < math.inf:  # NaN, Inf and non-positive values are skipped
+                continue
+            y = math.log(x)
+            mean, var, seen = float(self.mean[i]), float(self.var[i]), int(self.seen[i])
+            std = max(math.sqrt(var), self.min_std)
+            limit = mean + self.z * std
+            if seen >= self.warmup and y > limit:
+                spikes[i] = True
+                if self.first_step[i] < 0:
+                    self.first_step[i], self.first_value[i], self.first_threshold[i] = step, x, math.exp(limit)
+                self.peak_z[i] = max(float(self.peak_z[i]), (y - mean) / std)
+                self.count[i] += 1
+            a = max(1.0 / (seen + 1), self.alpha)
+            delta = min(y, limit) - mean
+            self.mean[i] = mean + a * delta
+            self.var[i] = 0.0 if seen == 0 else (1 - a) * (var + a * delta * delta)
+            self.seen[i] = seen + 1
+        return spikes
 
-    def pending(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count, "first_step": self.first_step, "first_value": self.first_value,
-                "first_threshold": self.first_threshold, "peak_z": self.peak_z}
-
-    def alerts(self, host: Mapping[str, np.ndarray], names=None) -> list[Alert]:
-        counts = np.asarray(host["count"]).reshape(-1)
-        if not self._ready or not counts.any():
+    def alerts(self, names: Sequence[str] | None = None) -> list[Alert]:
+        """One alert per series that spiked since the last call; clears them."""
+        if not self._ready or not self.count.any():
             return []
-        self.count.zero_()
-        self.first_step.fill_(-1)
-        self.peak_z.zero_()
+        counts, steps = self.count.copy(), self.first_step.copy()
+        values, thresholds, peaks = self.first_value.copy(), self.first_threshold.copy(), self.peak_z.copy()
+        self.count[:] = 0
+        self.first_step[:] = -1
+        self.peak_z[:] = 0.0
         out = []
         for i, name in enumerate(self.names):
             count = int(counts[i])
             if count == 0:
                 continue
-            value = float(np.asarray(host["first_value"]).reshape(-1)[i])
-            thr = float(np.asarray(host["first_threshold"]).reshape(-1)[i])
-            z = float(np.asarray(host["peak_z"]).reshape(-1)[i])
+            value, thr, z = float(values[i]), float(thresholds[i]), float(peaks[i])
             what = "the loss" if name == "loss" else f"the {name.replace('_', ' ')}"
             msg = (f"{what} spiked to {value:.4g} (threshold {thr:.4g}, up to {z:.1f} standard deviations above "
                    f"its running average in log space) on {count} step(s) since the last report. A bad batch, a too "
                    "high learning rate or an unstable layer; consider clipping (GradientClipping('zclip')) or "
                    "warm-up.")
-            step = int(np.asarray(host["first_step"]).reshape(-1)[i])
+            step = int(steps[i])
             out.append(Alert("spike", step, name, value, thr if math.isfinite(thr) else 0.0, msg))
         return out

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from bpkit.alert import Alert
-from bpkit.detect._base import Detector, join_names, new_event
+from bpkit.detect._base import TINY, Detector, as_vector, join_names
 from bpkit.errors import check_float, check_int
 
 
@@ -29,12 +29,10 @@ class VanishingDetector(Detector):
 
     Example::
 
-        >>> import torch
-        >>> from bpkit.stats.readback import readback
         >>> d = VanishingDetector(patience=2)
         >>> for step in range(2):
-        ...     d.update(torch.tensor([1e-9, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor(step))
-        >>> [(a.kind, a.where, a.step) for a in d.alerts(readback(d.pending()), ["layer0", "layer1"])]
+        ...     d.update([1e-9, 1.0], [1.0, 1.0], step)
+        >>> [(a.kind, a.where, a.step) for a in d.alerts(["layer0", "layer1"])]
         [('vanishing', 'layer0', 1)]
     """
 
@@ -47,47 +45,44 @@ class VanishingDetector(Detector):
         self.rel_weight = check_float("rel_weight", rel_weight, 0.0, 1.0, low_inclusive=False)
         self.patience = check_int("patience", patience, 1)
 
-    def _init_state(self, device: torch.device, num: int) -> None:
-        self.run = torch.zeros(num, dtype=torch.int64, device=device)
-        self.latched = torch.zeros(num, dtype=torch.bool, device=device)
-        self.new_mask = torch.zeros(num, dtype=torch.bool, device=device)
-        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.rel_max_now = torch.ones(num, device=device)
-        self.rel_weight_now = torch.ones(num, device=device)
+    def _init_state(self, num: int) -> None:
+        self.run = np.zeros(num, dtype=np.int64)
+        self.latched = np.zeros(num, dtype=bool)
+        self.new_mask = np.zeros(num, dtype=bool)
+        self.first_step = -1
+        self.rel_max_now = np.ones(num)
+        self.rel_weight_now = np.ones(num)
 
-    @torch.no_grad()
-    def update(self, norms: torch.Tensor, weight_norms: torch.Tensor, step: torch.Tensor,
-               mask: torch.Tensor | None = None) -> None:
-        """One check over ``(N,)`` gradient and weight norms; ``mask``: the tensors the rule applies to
-        (GradientMonitor passes weight matrices that got a gradient). The largest norm is taken over all."""
-        self._ensure(norms.device, norms.numel())
-        finite = torch.isfinite(norms)
-        g = torch.where(finite, norms, 0.0)
-        rel_max = g / g.max().clamp_min(torch.finfo(g.dtype).tiny)
-        rel_weight = g / weight_norms.clamp_min(torch.finfo(g.dtype).tiny)
+    def update(self, norms: Any, weight_norms: Any, step: int, mask: Any = None) -> None:
+        """One check over the gradient and weight norms of ``N`` tensors (host values); ``mask``: the tensors
+        the rule applies to (GradientMonitor passes weight matrices that got a gradient). The largest norm
+        is taken over all."""
+        norms = as_vector(norms)
+        self._ensure(norms.size)
+        finite = np.isfinite(norms)
+        g = np.where(finite, norms, 0.0)
+        rel_max = g / max(float(g.max(initial=0.0)), TINY)
+        rel_weight = g / np.maximum(as_vector(weight_norms), TINY)
         low = (rel_max < self.rel_max) & (rel_weight < self.rel_weight) & finite
         if mask is not None:
-            low = low & mask
-        self.run = torch.where(low, self.run + 1, 0)
+            low &= as_vector(mask, bool)
+        self.run = np.where(low, self.run + 1, 0)
         hit = self.run >= self.patience
         fresh = hit & ~self.latched
-        self.first_step = torch.where(new_event(self.first_step, fresh.any()), step, self.first_step)
+        if fresh.any() and self.first_step < 0:
+            self.first_step = int(step)
         self.new_mask |= fresh
         self.latched = hit
         self.rel_max_now, self.rel_weight_now = rel_max, rel_weight
 
-    def pending(self) -> dict[str, torch.Tensor]:
-        return {"new_mask": self.new_mask, "first_step": self.first_step, "rel_max": self.rel_max_now,
-                "rel_weight": self.rel_weight_now}
-
-    def alerts(self, host: Mapping[str, np.ndarray], names: Sequence[str]) -> list[Alert]:
-        mask = np.asarray(host["new_mask"]).reshape(-1).astype(bool)
-        if not self._ready or not mask.any():
+    def alerts(self, names: Sequence[str]) -> list[Alert]:
+        """The tensors whose gradient started vanishing since the last call (one alert, or none)."""
+        if not self._ready or not self.new_mask.any():
             return []
-        self.new_mask.zero_()
-        self.first_step.fill_(-1)
-        rel = np.asarray(host["rel_max"], dtype=np.float64).reshape(-1)
-        relw = np.asarray(host["rel_weight"], dtype=np.float64).reshape(-1)
+        mask, step = self.new_mask, self.first_step
+        self.new_mask = np.zeros_like(mask)
+        self.first_step = -1
+        rel, relw = self.rel_max_now, self.rel_weight_now
         hit = [n for n, m in zip(names, mask) if m]
         worst = float(rel[mask].min())
         top = names[int(np.argmax(rel))]
@@ -97,4 +92,4 @@ class VanishingDetector(Detector):
                f"weight norm for {self.patience}+ checks. Depth profile, log10 of each tensor's gradient norm over "
                f"the largest, in parameter order: [{profile}]. Try ReLU/GELU with He init, normalization "
                "(batch/layer norm) or residual connections; for RNNs an LSTM/GRU.")
-        return [Alert("vanishing", int(host["first_step"]), ", ".join(hit), worst, self.rel_max, msg)]
+        return [Alert("vanishing", step, ", ".join(hit), worst, self.rel_max, msg)]

@@ -45,7 +45,7 @@ class GradStats:
 
 @torch.no_grad()
 def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None = None,
-               max_abs: bool = False) -> GradStats:
+               max_abs: bool = False, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> GradStats:
     """Per-tensor L2 norms of ``grads`` and their total; optionally the weight norms of ``params``
     and the per-tensor ``max |g|``.
 
@@ -58,6 +58,8 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
         grads: gradients (any shapes and floating dtypes).
         params: the parameters of those gradients, same order; ``None`` skips the weight norms.
         max_abs: also compute ``max |g|`` per tensor.
+        out: float32 ``(N,)`` and ``()`` tensors (e.g. views into a :class:`bpkit.stats.step_rows.StepRows`
+            buffer) that receive the norms and the total, which are then these tensors.
 
     Example::
 
@@ -75,6 +77,13 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
     pieces = locals_of(grads)  # FSDP2 shards and sparse values: statistics of the local pieces, reduced
     device = pieces[0].device
     values = list(torch._foreach_norm(pieces, 2.0, dtype=torch.float32))
+    if out is not None and reduce is None and all(v.device == out[0].device for v in values):
+        # written straight into the caller's buffer: no intermediate tensors
+        norms = torch.stack(values, out=out[0])
+        total = torch.linalg.vector_norm(norms, 2.0, out=out[1])
+        weight_norms = None if params is None else _stack(
+            torch._foreach_norm(locals_of(params), 2.0, dtype=torch.float32), device)
+        return GradStats(norms, total, weight_norms, foreach_max_abs(grads) if max_abs else None)
     if params is not None:
         values += list(torch._foreach_norm(locals_of(params), 2.0, dtype=torch.float32))
     packed = _stack(values, device)
@@ -83,4 +92,7 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
         packed = twice.sum(packed.square()).sqrt()
     norms = packed[:n]
     weight_norms = packed[n:] if params is not None else None
-    return GradStats(norms, total_norm(norms, 2.0), weight_norms, foreach_max_abs(grads) if max_abs else None)
+    total = total_norm(norms, 2.0)
+    if out is not None:
+        norms, total = out[0].copy_(norms), out[1].copy_(total)
+    return GradStats(norms, total, weight_norms, foreach_max_abs(grads) if max_abs else None)
