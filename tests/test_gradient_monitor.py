@@ -303,7 +303,9 @@ def test_ops_per_step_do_not_grow_with_the_number_of_tensors():
         runs[depth] = mon.per_step
     # non-logging steps: every dispatched op, views included, is the same list
     assert [str(o) for o in runs[10][1]] == [str(o) for o in runs[200][1]]
-    assert len(runs[10][1]) < 250
+    # and it is small: foreach_norm, stack, total norm, and the copies into the device buffer (plus views)
+    kernels = [str(o) for o in runs[10][1] if not o.is_view]
+    assert len(kernels) <= 6 and len(runs[10][1]) <= 20, kernels
     # the logging step: the same kernels; only views (metadata, one per tensor to flatten it) grow
     kernels = {d: [str(o) for o in r[2] if not o.is_view] for d, r in runs.items()}
     assert kernels[10] == kernels[200]
@@ -382,7 +384,7 @@ def test_histograms_reach_an_offline_wandb_run(tmp_path, monkeypatch):
         return original(self, data, *args, **kwargs)
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
-    _trainer([GradientMonitor(log_every_n_steps=2)], steps=4, logger=logger).fit(Net())
+    _trainer([GradientMonitor(log_every_n_steps=2, histogram_every_n_steps=2)], steps=4, logger=logger).fit(Net())
     wandb.finish()
     hists = [d for d in logged if any(isinstance(v, wandb.Histogram) for v in d.values())]
     assert len(hists) == 2
@@ -411,3 +413,83 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 def test_a_glob_matching_nothing_fails_at_train_start():
     with pytest.raises(BpkitConfigError, match=r"include='blocks\.\*' is invalid: expected a glob matching"):
         _trainer([GradientMonitor(include="blocks.*")], steps=1).fit(Net())
+
+
+class _Blowup(Callback):
+    """Before the monitor: multiplies every gradient by a growing factor from step ``start`` on, and
+    keeps float64 copies of what the monitor will see (the reference for the detectors)."""
+
+    def __init__(self, start):
+        self.start, self.rows, self.losses = start, [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step
+        if step >= self.start:
+            for p in pl_module.parameters():
+                p.grad.mul_(10.0 ** min(step - self.start + 1, 6))
+        norms = [torch.linalg.vector_norm(p.grad.double()).item() for p in pl_module.parameters()]
+        self.rows.append((step, norms, math.sqrt(sum(n * n for n in norms))))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def _reference_alerts(blowup, names):
+    """The same detectors fed step by step, directly, with float64 statistics."""
+    from bpkit.detect import ExplodingDetector, NonFiniteDetector, SpikeDetector
+
+    exploding, nonfinite, spike = ExplodingDetector(), NonFiniteDetector(), SpikeDetector(("loss", "grad_norm_total"))
+    for (step, norms, total), loss in zip(blowup.rows, blowup.losses):
+        nonfinite.update([not math.isfinite(n) for n in norms], step)
+        exploding.update(total, norms, step)
+        spike.update([loss, total], step)
+    return exploding.alerts(names) + nonfinite.alerts(names) + spike.alerts()
+
+
+@pytest.mark.parametrize("max_rows", [None, 7])
+def test_buffered_rules_equal_the_detectors_fed_step_by_step(monkeypatch, max_rows):
+    """The monitor buffers each step's norms on the device and replays them at log time (or whenever the
+    buffer is full: ``max_rows``); its alerts are those of the detectors fed directly every step."""
+    if max_rows is not None:
+        monkeypatch.setattr("bpkit.stats.step_rows.MAX_ROWS", max_rows)
+    blowup = _Blowup(start=70)
+    mon = GradientMonitor(log_every_n_steps=40, on_nonfinite="warn", vanishing=False)
+    net = Net(lr=1e-4)
+    _trainer([blowup, mon], steps=80).fit(net)
+    names = [n for n, _ in net.named_parameters()]
+    got = sorted((a.kind, a.step, a.where) for a in mon.alerts)
+    want = sorted((a.kind, a.step, a.where) for a in _reference_alerts(blowup, names))
+    assert ("exploding", 72) in [(k, s) for k, s, _ in want]  # the third step in a row above 10x the median
+    assert got == want
+    assert mon._plans[0].rows.capacity == (42 if max_rows is None else max_rows)
+
+
+def test_a_checkpoint_holds_the_steps_not_yet_replayed():
+    mon = GradientMonitor(log_every_n_steps=50)
+    _trainer([mon], steps=5).fit(Net())
+    state = mon.state_dict()  # steps 0-4 were buffered after the last log step
+    assert state["plans"][0]["detectors"]["exploding"]["seen"].item() == 5
+    assert state["loss_spike"]["seen"].tolist() == [5, 5]
+
+
+class _HistSteps(Callback):
+    """Records the steps at which the monitor prepared histograms (they are logged in the same step)."""
+
+    def __init__(self, monitor):
+        self.monitor, self.steps = monitor, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pending = self.monitor._plans[0].pending if self.monitor._plans else None
+        if pending is not None and "grad_hist" in pending:
+            self.steps.append(trainer.global_step - 1)
+
+
+@pytest.mark.parametrize("kw,want", [({}, [19, 39]), ({"histogram_every_n_steps": 6}, [5, 11, 17, 23, 29, 35]),
+                                     ({"histograms": False}, [])])
+def test_histograms_come_every_tenth_log_interval_by_default(kw, want):
+    mon = GradientMonitor(log_every_n_steps=2, **kw)
+    spy = _HistSteps(mon)
+    logger = MemoryLogger()
+    _trainer([spy, mon], steps=40, logger=logger).fit(Net())  # the spy looks before the monitor flushes
+    assert spy.steps == want
+    assert len(logger.series("grad/norm_total")) >= 20  # the scalars still come every log interval

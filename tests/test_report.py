@@ -57,7 +57,8 @@ def vanishing_run(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("vanishing")
     model = MLP(64, 10, depth=20, width=64, activation="sigmoid")
-    _, task = _fit(root, model, DigitsDataModule(batch_size=64), [GradientMonitor(), RunRecord()], steps=30)
+    _, task = _fit(root, model, DigitsDataModule(batch_size=64),
+                   [GradientMonitor(histogram_every_n_steps=5), RunRecord()], steps=30)
     return root, task
 
 
@@ -66,7 +67,8 @@ def healthy_run(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("healthy")
     model = MLP(64, 10, depth=3, width=32, activation="relu")
-    _fit(root, model, DigitsDataModule(batch_size=64), [GradientMonitor(), ActivationMonitor(), RunRecord()],
+    _fit(root, model, DigitsDataModule(batch_size=64),
+         [GradientMonitor(histogram_every_n_steps=5), ActivationMonitor(), RunRecord()],
          steps=40, val_every=20)
     return root
 
@@ -401,6 +403,7 @@ def test_bpkit_train_sweep_offline_wandb_has_histograms_and_image_and_the_report
     proc = bpkit_train(["-m", *FAST, "trainer.limit_train_batches=10", "trainer.log_every_n_steps=2",
                         "model.depth=3", "model.activation=sigmoid,relu",
                         "++callbacks.gradient_monitor._target_=bpkit.callbacks.GradientMonitor",
+                        "++callbacks.gradient_monitor.histogram_every_n_steps=2",
                         "++callbacks.run_record._target_=bpkit.callbacks.RunRecord", f"hydra.sweep.dir={sweep}"],
                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

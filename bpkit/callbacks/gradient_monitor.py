@@ -116,6 +116,9 @@ class GradientMonitor(Callback):
             into a device buffer, which is read back here and replayed through the rules.
         per_layer: log per-tensor (per-module) scalars; ``False`` logs the totals and alerts only.
         histograms: log fixed-range log10-magnitude histograms of gradients and weights.
+        histogram_every_n_steps: the histograms' cadence (default: every 10th log interval, e.g. 500 steps
+            with Lightning's default ``log_every_n_steps=50``; W&B's ``watch`` default is 1000). A histogram
+            reads every element of every gradient and weight several times, the other statistics once.
         update_ratio: log ``||w_after - w_before|| / ||w_before||`` (exact: the weights are copied before
             the optimizer step on logging steps only).
         include: glob(s) over ``named_parameters()`` names to watch (default: all trainable ones).
@@ -151,7 +154,7 @@ class GradientMonitor(Callback):
     """
 
     def __init__(self, log_every_n_steps: int | None = None, per_layer: bool = True, histograms: bool = True,
-                 update_ratio: bool = True, include: str | Sequence[str] | None = None,
+                 update_ratio: bool = True, histogram_every_n_steps: int | None = None, include: str | Sequence[str] | None = None,
                  exclude: str | Sequence[str] | None = None, group_by: str = "parameter",
                  on_nonfinite: str = "skip", on_exploding: str = "warn",
                  vanishing: bool | Mapping[str, Any] = True, exploding: bool | Mapping[str, Any] = True,
@@ -163,6 +166,9 @@ class GradientMonitor(Callback):
         self._warned_at: dict[str, int] = {}
         self.per_layer = check_bool("per_layer", per_layer)
         self.histograms = check_bool("histograms", histograms)
+        if histogram_every_n_steps is not None:
+            check_int("histogram_every_n_steps", histogram_every_n_steps, 1)
+        self.histogram_every_n_steps = histogram_every_n_steps
         self.update_ratio = check_bool("update_ratio", update_ratio)
         self.include = check_globs("include", include)
         self.exclude = check_globs("exclude", exclude)
@@ -189,6 +195,7 @@ class GradientMonitor(Callback):
             SpikeDetector(("loss", "grad_norm_total"), **self._spike)
         self._totals: list[torch.Tensor] = []
         self._interval = 50
+        self._hist_interval = 500
         self._loss_rows = StepRows([(), ()], self._interval + 2)  # loss and total norm per batch, for the spike rule
         self._stepped = False
         self._inactive = False
@@ -209,6 +216,7 @@ class GradientMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._interval = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        self._hist_interval = self.histogram_every_n_steps or 10 * self._interval
         if not len(self._loss_rows):
             self._loss_rows = StepRows([(), ()], self._interval * max(1, int(trainer.accumulate_grad_batches or 1)) + 2)
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
@@ -285,7 +293,8 @@ class GradientMonitor(Callback):
         else:
             return
         grads = [p.grad for p in params]
-        log_step = (step + 1) % self._interval == 0
+        hist_step = self.histograms and (step + 1) % self._hist_interval == 0
+        log_step = hist_step or (step + 1) % self._interval == 0
         check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
         device = grads[0].device
         if plan.rows.must_drain(device) or plan.checks.must_drain(device):
@@ -315,7 +324,7 @@ class GradientMonitor(Callback):
         self._totals.append(stats.total)
 
         if log_step:
-            self._prepare_log(plan, units, stats, grads, params, present_idx)
+            self._prepare_log(plan, units, stats, grads, params, present_idx, hist_step)
 
         checks = []
         if self.on_nonfinite != "warn":
@@ -349,10 +358,10 @@ class GradientMonitor(Callback):
                          None if stats.max_abs is None else full(stats.max_abs))
 
     def _prepare_log(self, plan: _Plan, units: GradStats, stats: GradStats, grads: list[torch.Tensor],
-                     params: list[torch.Tensor], present: torch.Tensor | None) -> None:
+                     params: list[torch.Tensor], present: torch.Tensor | None, histograms: bool) -> None:
         pending = {"norms": units.norms, "max": units.max_abs, "weight": units.weight_norms, "total": stats.total}
         seg = plan.unit_of if present is None else plan.unit_of.index_select(0, present)
-        if self.histograms:
+        if histograms:
             pending["grad_hist"] = log_histograms(grads, self.hist_spec, seg, len(plan.units))
             pending["weight_hist"] = log_histograms(params, self.hist_spec, seg, len(plan.units))
         if self.update_ratio:

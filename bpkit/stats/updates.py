@@ -2,9 +2,9 @@
 
 On a step that logs, :func:`snapshot` copies all parameters into one flat buffer (one ``cat``)
 just before ``optimizer.step()``; after the step, :func:`update_norms` takes the difference with
-the live parameters and its per-tensor norms. The ratio ``||w_after - w_before|| / ||w_before||``
-is exact for any optimizer (momentum, weight decay, a skipped step, a scheduler), and costs two
-extra passes over the weights on logging steps only.
+the live parameters (in place in the snapshot) and its per-tensor norms. The ratio
+``||w_after - w_before|| / ||w_before||`` is exact for any optimizer (momentum, weight decay, a
+skipped step, a scheduler), and costs a copy and a subtraction over the weights on logging steps only.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def snapshot(params: Sequence[torch.Tensor]) -> torch.Tensor:
 def update_norms(params: Sequence[torch.Tensor], before: torch.Tensor) -> torch.Tensor:
     """``(N,)`` L2 norm of ``p - p_before`` for every parameter, ``before`` from :func:`snapshot`.
 
+    The difference is taken in place in ``before`` (one fused subtraction, one fused norm): the
+    snapshot is used up.
+
     Example::
 
         >>> import torch
@@ -42,9 +45,10 @@ def update_norms(params: Sequence[torch.Tensor], before: torch.Tensor) -> torch.
         >>> update_norms(w, s)
         tensor([4.2426, 0.0000])
     """
-    delta = snapshot(params) - before
-    pieces = delta.split([local(p).numel() for p in params])
-    norms = _stack(torch._foreach_norm(list(pieces), 2.0), before.device)
+    locals_ = [local(p).detach().reshape(-1) for p in params]
+    pieces = list(before.split([t.numel() for t in locals_]))
+    torch._foreach_sub_(pieces, locals_)
+    norms = _stack(torch._foreach_norm(pieces, 2.0), before.device)
     reduce = ShardReduce.of(params)
     return norms if reduce is None else reduce.norms(norms)
 
