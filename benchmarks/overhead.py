@@ -171,20 +171,63 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 }
 
 
+# configurations whose whole per-step work is in callback hooks (the "in its hooks" columns); the others
+# work in Lightning's loop (gradient_clip_val) or in module hooks (wandb.watch)
+HOOKED = {"lightning_grad_norm", "gradient_monitor", "gradient_monitor_warn", "gradient_monitor_every_step",
+          "bpkit_default", "bpkit_full"}
+
 # Trainer arguments of a configuration, when it needs any
 TRAINER_KWARGS: dict[str, dict[str, Any]] = {"lightning_clip": {"gradient_clip_val": 1.0}}
 
 # ----------------------------------------------------------------- measurement
 
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
+HOOK_CLOCK = [0.0]  # seconds spent inside the hooks of the configuration's callbacks
+
+
+def clock_hooks(callbacks: list[pl.Callback]) -> list[pl.Callback]:
+    """Wrap every hook a callback overrides so that its time adds to ``HOOK_CLOCK``: the cost a
+    configuration adds, measured directly instead of as a difference of two noisy step times.
+    (Work in module hooks, e.g. ActivationMonitor's forward hooks, is not in it.)"""
+    for cb in callbacks:
+        for name in dir(type(cb)):
+            if not name.startswith("on_") or getattr(type(cb), name) is getattr(pl.Callback, name, None):
+                continue
+            original = getattr(cb, name)
+            if not callable(original):
+                continue
+
+            def timed(*args, _f=original, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return _f(*args, **kwargs)
+                finally:
+                    HOOK_CLOCK[0] += time.perf_counter() - t
+
+            setattr(cb, name, timed)
+    return callbacks
+
+
+class _StepStart(pl.Callback):
+    """First in the callback list: the step starts before any other callback's hook."""
+
+    def __init__(self, timer: "StepTimer") -> None:
+        self.timer = timer
 
     def on_train_batch_start(self, *args):
-        self._t = time.perf_counter()
+        self.timer._t, self.timer._h = time.perf_counter(), HOOK_CLOCK[0]
+
+
+class StepTimer(pl.Callback):
+    """Last in the callback list: wall time per step and the time inside the configuration's hooks."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.hook_times: list[float] = []
+        self.start = _StepStart(self)
 
     def on_train_batch_end(self, *args):
         self.times.append(time.perf_counter() - self._t)
+        self.hook_times.append(HOOK_CLOCK[0] - self._h)
 
 
 class CudaStepTimer(StepTimer):
@@ -296,8 +339,10 @@ def run_once(model_name: str, config: str, steps: int, batch: int, smoke: bool, 
     trainer = pl.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
                          enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                         callbacks=[*CONFIGS[config](), timer, *extra], **TRAINER_KWARGS.get(config, {}))
+                         callbacks=[timer.start, *clock_hooks(CONFIGS[config]()), timer, *extra],
+                         **TRAINER_KWARGS.get(config, {}))
     trainer.fit(Task(model, batches, loss))
+    run_once.hook_times = timer.hook_times
     return timer.times
 
 
@@ -354,11 +399,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             n_params = sum(p.numel() for p in model.parameters())
             n_tensors = sum(1 for _ in model.parameters())
             per_config: dict[str, list[float]] = {c: [] for c in configs}
+            in_hooks: dict[str, list[float]] = {c: [] for c in configs}
             run_once(model_name, configs[0], args.warmup + 2, args.batch, args.smoke, root)  # warm caches, discarded
             for r in range(args.repeats):
                 for config in configs[r % len(configs):] + configs[:r % len(configs)]:  # rotate the order
                     times = run_once(model_name, config, args.steps, args.batch, args.smoke, root)
                     per_config[config].append(statistics.fmean(times[args.warmup:]))
+                    in_hooks[config].append(statistics.fmean(run_once.hook_times[args.warmup:]))
             reads: dict[str, float] = {}
             ops: dict[str, float] = {}
             for config in configs:
@@ -377,16 +424,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = {}
             for config in configs:
                 t = statistics.median(per_config[config])
+                hook = statistics.median(in_hooks[config])
                 rows[config] = {"ms": t * 1e3, "ratio": t / bare if bare else float("nan"), "reads": reads[config],
-                                "ops": ops[config] - ops.get("bare", 0.0)}
+                                "ops": ops[config] - ops.get("bare", 0.0), "hook_ms": hook * 1e3,
+                                "hook_ratio": 1 + hook / bare if bare else float("nan")}
             results[model_name] = {"params": n_params, "tensors": n_tensors, "rows": rows}
             what = "syncs" if DEVICE == "cuda" else "reads"
             print(f"\n{model_name}: {n_params / 1e6:.2f}M params, {n_tensors} tensors, batch {args.batch}")
-            print(f"  {'config':28s} {'ms/step':>9s} {'x bare':>7s} {what + '/step':>11s} {'+ops/step':>10s}")
+            print(f"  {'config':28s} {'ms/step':>9s} {'x bare':>7s} {'in hooks':>9s} {'1+hooks/bare':>12s} "
+                  f"{what + '/step':>11s} {'+ops/step':>10s}")
             for config, r in rows.items():
                 added = r["reads"] - rows["bare"]["reads"] if "bare" in rows else r["reads"]
-                print(f"  {config:28s} {r['ms']:9.2f} {r['ratio']:7.3f} {r['reads']:7.1f} ({added:+.1f}) "
-                      f"{r['ops']:9.0f}")
+                hooks = f"{r['hook_ms']:9.3f} {r['hook_ratio']:12.3f}" if config in HOOKED else f"{'-':>9s} {'-':>12s}"
+                print(f"  {config:28s} {r['ms']:9.2f} {r['ratio']:7.3f} {hooks} "
+                      f"{r['reads']:7.1f} ({added:+.1f}) {r['ops']:9.0f}")
             sys.stdout.flush()
         if args.scaling:
             results["scaling"] = scaling(root, 16)
@@ -396,16 +447,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"(warm-up {args.warmup}), repeats {args.repeats}, batch {args.batch}")
     print(f"\n{env}\n")
     what = "host syncs" if DEVICE == "cuda" else "host reads"
-    print(f"| model | config | ms/step | x bare | {what}/step (added) | aten ops/step added |")
-    print("|---|---|---|---|---|---|")
+    print(f"| model | config | ms/step | x bare | ms/step in its hooks | 1 + hooks/bare | {what}/step (added) "
+          "| aten ops/step added |")
+    print("|---|---|---|---|---|---|---|---|")
     for model_name, res in results.items():
         if model_name == "scaling":
             continue
         label = f"{model_name} ({res['params'] / 1e6:.2f}M, {res['tensors']} tensors)"
         for config, r in res["rows"].items():
             added = r["reads"] - res["rows"]["bare"]["reads"] if "bare" in res["rows"] else r["reads"]
-            print(f"| {label} | {config} | {r['ms']:.2f} | {r['ratio']:.2f}x | {r['reads']:.1f} ({added:+.1f}) "
-                  f"| {r['ops']:.0f} |")
+            hooks = f"{r['hook_ms']:.3f} | {r['hook_ratio']:.3f}x" if config in HOOKED else "- | -"
+            print(f"| {label} | {config} | {r['ms']:.2f} | {r['ratio']:.2f}x | {hooks} | "
+                  f"{r['reads']:.1f} ({added:+.1f}) | {r['ops']:.0f} |")
     if "scaling" in results:
         print("\n| MLP layers | parameter tensors | aten ops/step, bare | added by GradientMonitor (non-log steps) |")
         print("|---|---|---|---|")

@@ -18,7 +18,8 @@ def _run(script, *args, timeout=600):
 
 def test_overhead_benchmark_smoke_prints_the_table():
     out = _run("overhead.py", "--smoke", "--models", "mlp_tiny", "--scaling")
-    assert "| model | config | ms/step | x bare | host reads/step (added) | aten ops/step added |" in out
+    assert ("| model | config | ms/step | x bare | ms/step in its hooks | 1 + hooks/bare | host reads/step (added) "
+            "| aten ops/step added |") in out
     for config in ("bare", "lightning_grad_norm", "gradient_monitor", "bpkit_default", "bpkit_full"):
         assert f"| {config} |" in out
     scaling = [line for line in out.splitlines() if line.startswith(("| 10 |", "| 50 |", "| 200 |"))]

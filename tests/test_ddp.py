@@ -104,7 +104,7 @@ def main(out: str, mode: str) -> None:
             json.dump(result, f)
         return result
 
-    fit("match", [GradientMonitor(), ActivationMonitor(gradients=True), GradientClipping("norm", max_norm=0.05),
+    fit("match", [GradientMonitor(histogram_every_n_steps=1), ActivationMonitor(gradients=True), GradientClipping("norm", max_norm=0.05),
                   RunRecord()])
     if mode == "single":
         return

@@ -81,7 +81,7 @@ def main(out: str, mode: str) -> None:
         with open(os.path.join(out, f"{mode}_{tag}_rank{rank}.json"), "w") as f:
             json.dump({"weights": weights, "global_step": trainer.global_step}, f)
 
-    fit("norm", [GradientMonitor(), ActivationMonitor(), GradientClipping("norm", max_norm=0.5)])
+    fit("norm", [GradientMonitor(histogram_every_n_steps=1), ActivationMonitor(), GradientClipping("norm", max_norm=0.5)])
     fit("value", [GradientClipping("value", clip_value=0.05)])
     fit("zclip", [GradientClipping("zclip", warmup_steps=2, max_norm=0.8)])
 

@@ -61,7 +61,7 @@ class Kill(pl.Callback):
 
 
 def callbacks():
-    return [GradientMonitor(log_every_n_steps=3, check_every_n_steps=2, spike={"warmup": 3},
+    return [GradientMonitor(log_every_n_steps=3, histogram_every_n_steps=6, check_every_n_steps=2, spike={"warmup": 3},
                             exploding={"warmup": 3, "window": 4}),
             ActivationMonitor(log_every_n_steps=2, patience=2, bins=8, dead_threshold=0.3),
             GradientClipping("zclip", warmup_steps=3, max_norm=0.5, log_every_n_steps=3),
