@@ -81,6 +81,7 @@ class _Plan:
         self.rows = StepRows([(width,), ()], interval + 2)
         self.checks = StepRows([(width,), (width,)], interval // check_every + 3)
         self.param_ids = tuple(id(p) for p in params)
+        self.weight_norms: torch.Tensor | None = None  # per unit, from the last step that computed them
         self.pending: dict[str, torch.Tensor] | None = None
         self.snapshot: torch.Tensor | None = None
         self.snapshot_params: list[torch.Tensor] = []
@@ -135,8 +136,8 @@ class GradientMonitor(Callback):
             (``factor``, ``max_norm``, ``window``, ``warmup``, ``ema``).
         spike: ``True``, ``False`` or options of :class:`bpkit.detect.SpikeDetector` (``z``, ``alpha``,
             ``warmup``, ``min_std``), applied to the loss and to the total gradient norm.
-        check_every_n_steps: the vanishing rule (and the weight norms it needs) sees every this many
-            steps and the logging steps; the non-finite, exploding and spike rules see every step.
+        check_every_n_steps: the vanishing rule sees every this many steps and the logging steps (with the
+            weight norms of the last logging step); the non-finite, exploding and spike rules see every step.
         histogram_range: ``(low, high)`` in log10 units of the histogram bins.
         bins_per_decade: histogram bins per power of ten.
 
@@ -303,7 +304,10 @@ class GradientMonitor(Callback):
         # through the detectors at the next log step
         row_norms, row_total = plan.rows.push(step, device)
         direct = present_idx is None and not plan.grouped
-        stats = grad_stats(grads, params if check_step or log_step else None, max_abs=log_step,
+        # the vanishing rule compares with the weight norms of the last logging step (weights move ~1e-3 per
+        # step, the rule's threshold is 1e-5 of the weight norm): a check step reads no weights
+        need_weights = log_step or (check_step and (plan.weight_norms is None or present_idx is not None))
+        stats = grad_stats(grads, params if need_weights else None, max_abs=log_step,
                            out=(row_norms, row_total) if direct else None)
         if (present_idx is None and plan.covers_all) or self._all_with_grad(pl_module, params):
             # GradientClipping, later in this hook, reuses these norms (only when they cover every gradient)
@@ -315,12 +319,14 @@ class GradientMonitor(Callback):
         if not direct:
             row_norms.copy_(units.norms)
             row_total.copy_(stats.total)
+        if units.weight_norms is not None and present_idx is None:
+            plan.weight_norms = units.weight_norms
         if check_step:
             eligible = plan.vanishing_eligible if present_idx is None else \
                 plan.vanishing_eligible & plan.units_present(np.array(present))
             check_norms, check_weights = plan.checks.push(step, device, eligible)
             check_norms.copy_(units.norms)
-            check_weights.copy_(units.weight_norms)
+            check_weights.copy_(units.weight_norms if units.weight_norms is not None else plan.weight_norms)
         self._totals.append(stats.total)
 
         if log_step:
