@@ -16,8 +16,9 @@ in-memory random data:
 - ``bpkit_default``: GradientMonitor + ActivationMonitor + GradientClipping("norm") at the default cadence;
 - ``bpkit_full``: the same three with every statistic read back and logged at every step.
 
-``--device cuda --sizes gpu`` uses design.md's reference sizes (MLP ~35M params / 20 tensors,
-residual CNN ~2.4M / 52 tensors, LSTM ~12.7M / 10 tensors) with the data on the GPU, and counts host
+``--device cuda --sizes gpu`` uses design.md's reference sizes, as near as bpkit's models build them
+(MLP 31.5M params / 20 tensors for design.md's 35M / 20; residual CNN 1.8M / 59 for 2.4M / 52; LSTM
+9.5M / 10 for 12.7M / 10) with the data on the GPU, and counts host
 syncs per step with ``torch.cuda.set_sync_debug_mode("warn")``; on the CPU it counts host reads.
 Aten ops per step added by a configuration are counted with a ``TorchDispatchMode`` over the whole
 training step, minus the bare run's. ``--scaling`` prints ops per step against the number of
@@ -81,13 +82,13 @@ def make_model(name: str, smoke: bool) -> tuple[nn.Module, Callable[[int], tuple
     """A model, a batch maker and the loss name."""
     g = torch.Generator().manual_seed(0)
     if SIZES == "gpu" and not smoke:  # design.md's reference models
-        if name == "mlp":  # 10 Linear layers: 20 tensors, ~35M parameters
+        if name == "mlp":  # 10 Linear layers: 20 tensors, 31.5M parameters
             return (MLP(1024, 10, depth=10, width=1920),
                     lambda n: (torch.rand(n, 1024, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
-        if name == "resnet":  # 52 tensors, ~2.4M parameters
+        if name == "resnet":  # 59 tensors, 1.8M parameters
             return (ResNet(3, 10, depth=8, width=48, stages=3),
                     lambda n: (torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)), "ce")
-        if name == "lstm":  # 2 layers: 10 tensors, ~12.7M parameters; T=100 on a GPU, 20 on a CPU
+        if name == "lstm":  # 2 layers: 10 tensors, 9.5M parameters; T=100 on a GPU, 20 on a CPU
             steps = 100 if DEVICE == "cuda" else 20
             return (RNN("lstm", input_size=64, hidden_size=880, num_layers=2, out_features=10),
                     lambda n: (torch.rand(n, steps, 64, generator=g), torch.rand(n, 10, generator=g)), "mse")

@@ -84,6 +84,7 @@ class _Plan:
         self.weight_norms: torch.Tensor | None = None  # per unit, from the last step that computed them
         self.pending: dict[str, torch.Tensor] | None = None
         self.snapshot: torch.Tensor | None = None
+        self.snapshot_buffer: torch.Tensor | None = None  # kept between logging steps on a CPU only
         self.snapshot_params: list[torch.Tensor] = []
         self.snapshot_units: torch.Tensor | None = None
 
@@ -371,7 +372,9 @@ class GradientMonitor(Callback):
             pending["grad_hist"] = log_histograms(grads, self.hist_spec, seg, len(plan.units))
             pending["weight_hist"] = log_histograms(params, self.hist_spec, seg, len(plan.units))
         if self.update_ratio:
-            plan.snapshot = snapshot(params)
+            plan.snapshot = snapshot(params, plan.snapshot_buffer)
+            if plan.snapshot.device.type == "cpu":  # a GPU's caching allocator reuses the memory by itself
+                plan.snapshot_buffer = plan.snapshot
             plan.snapshot_params = list(params)
             plan.snapshot_units = seg
         plan.pending = pending

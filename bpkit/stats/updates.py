@@ -18,8 +18,11 @@ from bpkit.stats.sharded import ShardReduce, local
 
 
 @torch.no_grad()
-def snapshot(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """All parameters flattened into one new float32 buffer (one kernel); for FSDP2 parameters, this rank's shards.
+def snapshot(params: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """All parameters flattened into one float32 buffer (one kernel); for FSDP2 parameters, this rank's shards.
+
+    ``out``: a buffer to reuse when it has the right size and device (on a CPU a fresh buffer of the
+    model's size costs its page faults, several times the copy itself).
 
     Example::
 
@@ -27,7 +30,11 @@ def snapshot(params: Sequence[torch.Tensor]) -> torch.Tensor:
         >>> snapshot([torch.ones(2, 2), torch.zeros(1)]).tolist()
         [1.0, 1.0, 1.0, 1.0, 0.0]
     """
-    return torch.cat([local(p).detach().reshape(-1).float() for p in params])
+    pieces = [local(p).detach().reshape(-1).float() for p in params]
+    numel = sum(p.numel() for p in pieces)
+    if out is not None and out.numel() == numel and out.dtype == torch.float32 and out.device == pieces[0].device:
+        return torch.cat(pieces, out=out)
+    return torch.cat(pieces)
 
 
 @torch.no_grad()
