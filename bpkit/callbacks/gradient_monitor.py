@@ -308,8 +308,12 @@ class GradientMonitor(Callback):
         # the vanishing rule compares with the weight norms of the last logging step (weights move ~1e-3 per
         # step, the rule's threshold is 1e-5 of the weight norm): a check step reads no weights
         need_weights = log_step or (check_step and (plan.weight_norms is None or present_idx is not None))
+        if log_step and device.type == "cpu" and plan.snapshot_buffer is None and self.update_ratio:
+            # one model-sized float32 buffer kept on a CPU for the logging steps' |g| and weight snapshot
+            plan.snapshot_buffer = torch.empty(sum(p.numel() for p in params), device=device)
         stats = grad_stats(grads, params if need_weights else None, max_abs=log_step,
-                           out=(row_norms, row_total) if direct else None)
+                           out=(row_norms, row_total) if direct else None,
+                           scratch=plan.snapshot_buffer if log_step else None)
         if (present_idx is None and plan.covers_all) or self._all_with_grad(pl_module, params):
             # GradientClipping, later in this hook, reuses these norms (only when they cover every gradient)
             _step_cache.publish(pl_module, trainer, optimizer, params, stats.norms, stats.total,

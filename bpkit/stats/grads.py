@@ -45,7 +45,8 @@ class GradStats:
 
 @torch.no_grad()
 def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None = None,
-               max_abs: bool = False, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> GradStats:
+               max_abs: bool = False, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+               scratch: torch.Tensor | None = None) -> GradStats:
     """Per-tensor L2 norms of ``grads`` and their total; optionally the weight norms of ``params``
     and the per-tensor ``max |g|``.
 
@@ -60,6 +61,8 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
         max_abs: also compute ``max |g|`` per tensor.
         out: float32 ``(N,)`` and ``()`` tensors (e.g. views into a :class:`bpkit.stats.step_rows.StepRows`
             buffer) that receive the norms and the total, which are then these tensors.
+        scratch: a flat float32 buffer of the gradients' total size for ``max_abs`` (see
+            :func:`bpkit.stats.norms.foreach_max_abs`).
 
     Example::
 
@@ -83,7 +86,7 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
         total = torch.linalg.vector_norm(norms, 2.0, out=out[1])
         weight_norms = None if params is None else _stack(
             torch._foreach_norm(locals_of(params), 2.0, dtype=torch.float32), device)
-        return GradStats(norms, total, weight_norms, foreach_max_abs(grads) if max_abs else None)
+        return GradStats(norms, total, weight_norms, foreach_max_abs(grads, scratch) if max_abs else None)
     if params is not None:
         values += list(torch._foreach_norm(locals_of(params), 2.0, dtype=torch.float32))
     packed = _stack(values, device)
@@ -95,4 +98,4 @@ def grad_stats(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | N
     total = total_norm(norms, 2.0)
     if out is not None:
         norms, total = out[0].copy_(norms), out[1].copy_(total)
-    return GradStats(norms, total, weight_norms, foreach_max_abs(grads) if max_abs else None)
+    return GradStats(norms, total, weight_norms, foreach_max_abs(grads, scratch) if max_abs else None)
