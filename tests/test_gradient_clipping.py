@@ -473,3 +473,27 @@ def test_bpkit_train_cli_zclip(tmp_path):
                for line in open(os.path.join(path, f))]
     clip = [r for r in records if r["type"] == "scalars" and "clip/norm_pre" in r["data"]]
     assert [r["step"] for r in clip] == [2, 5]
+
+
+@pytest.mark.parametrize("max_norm,multiplies", [(1e6, False), (1e-3, True)])
+def test_below_the_bound_with_the_monitors_host_total_the_multiply_is_left_out(monkeypatch, max_norm, multiplies):
+    """GradientMonitor's default skip decision reads the total norm each step; norm clipping uses that number to
+    leave out the multiply by exactly 1 below the bound. The weights equal those of a torch clip_grad_norm_ run either way."""
+    from bpkit.callbacks import GradientMonitor
+    import bpkit.clip.norm as norm_module
+
+    scaled = []
+    original = norm_module.scale_grads_
+
+    def spy(grads, total, threshold, strict=False):
+        scaled.append(len(grads))
+        return original(grads, total, threshold, strict)
+
+    monkeypatch.setattr(norm_module, "scale_grads_", spy)
+    ref = _reference_run(Regressor().net, _data(), lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm))
+    model = Regressor()
+    clip = GradientClipping("norm", max_norm=max_norm, log_every_n_steps=1)
+    _trainer([GradientMonitor(log_every_n_steps=1000), clip]).fit(model, _data())
+    assert len(scaled) == 8 and all(n > 0 for n in scaled) == multiplies and any(n > 0 for n in scaled) == multiplies
+    for p, q in zip(model.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

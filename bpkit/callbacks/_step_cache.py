@@ -25,6 +25,15 @@ class StepNorms:
     norm_type: float
     per_tensor: torch.Tensor  # (N,) on device, in the order of ``param_ids``
     total: torch.Tensor  # () on device
+    total_host: float | None = None  # the same number on the host, when the publisher read it anyway
+
+
+def note_host_total(pl_module: Any, total: float) -> None:
+    """The publisher read this step's total norm to the host (for its own decision): later callbacks may
+    use it instead of reading again."""
+    entry = _CACHE.get(pl_module)
+    if entry is not None:
+        entry.total_host = float(total)
 
 
 def _key(trainer: Any, optimizer: Any) -> tuple:

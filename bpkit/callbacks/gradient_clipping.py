@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink, _step_cache
 from bpkit.clip import POLICIES, ClipPolicy, make_policy
+from bpkit.clip.norm import NormClip
 from bpkit.errors import BpkitConfigError, check_choice, check_int
 from bpkit.stats import norms as _norms
 from bpkit.stats.readback import readback
@@ -118,11 +119,13 @@ class GradientClipping(Callback):
 
     @staticmethod
     def _total_norm(trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any,
-                    params: list[torch.Tensor], grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+                    params: list[torch.Tensor], grads: list[torch.Tensor],
+                    norm_type: float) -> tuple[torch.Tensor, float | None]:
+        """The total norm on the device, and on the host when GradientMonitor already read it this step."""
         entry = _step_cache.lookup(pl_module, trainer, optimizer, params, norm_type)
         if entry is not None:
-            return entry.total
-        return _norms.total_norm(_norms.foreach_norms(grads, norm_type), norm_type)
+            return entry.total, entry.total_host
+        return _norms.total_norm(_norms.foreach_norms(grads, norm_type), norm_type), None
 
     @override
     @torch.no_grad()
@@ -145,9 +148,11 @@ class GradientClipping(Callback):
         every = self._every(trainer)
         log_now = every > 0 and self._steps[index] % every == 0
 
-        total = None
+        total, total_host = None, None
         if policy.needs_total_norm or log_now:
-            total = self._total_norm(trainer, pl_module, optimizer, params, full_grads, policy.norm_type)
+            total, total_host = self._total_norm(trainer, pl_module, optimizer, params, full_grads, policy.norm_type)
+        if isinstance(policy, NormClip):
+            policy.total_host = total_host
         # a skip decided by another rank must leave this rank's statistics as that rank's: keep them to redo
         before = policy.state_dict() if self.policy == "skip" and trainer.world_size > 1 else None
         result = policy.apply(params, grads, total if policy.needs_total_norm else None)

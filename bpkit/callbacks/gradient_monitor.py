@@ -347,7 +347,9 @@ class GradientMonitor(Callback):
             if checks[-1][0] == "exploding":  # the rule needs its history: read the buffered rows and replay them
                 flags = self._replay(Readback(self._pending_rows()).result()).get(id(plan), {})
             else:  # NaN/Inf in any gradient makes the total norm NaN/Inf: one number decides
-                flags = {"nonfinite": not math.isfinite(stats.total.item())}
+                total_host = stats.total.item()
+                _step_cache.note_host_total(pl_module, total_host)  # lets norm clipping skip a multiply by 1
+                flags = {"nonfinite": not math.isfinite(total_host)}
             for kind, action in checks:
                 if trainer.strategy.reduce_boolean_decision(bool(flags.get(kind, False)), all=False):
                     self._act(trainer, optimizer, plan, kind, action, units.norms)
