@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.loggers.logger import Logger
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def step_if_manual(module, loss) -> None:
+    """Under manual optimization, the zero_grad / backward / step that Lightning would do automatically."""
+    if not module.automatic_optimization:
+        opt = module.optimizers()
+        opt.zero_grad()
+        module.manual_backward(loss)
+        opt.step()
+
+
+def sgd_or_adam(module, name: str, lr: float) -> torch.optim.Optimizer:
+    """``Adam(lr)`` for ``name="adam"``, else ``SGD(lr, momentum=0.9)``: the test models' optimizers."""
+    if name == "adam":
+        return torch.optim.Adam(module.parameters(), lr=lr)
+    return torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
 
 
 class MemoryLogger(Logger):

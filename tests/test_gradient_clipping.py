@@ -20,6 +20,7 @@ from bpkit.callbacks import GradientClipping, _step_cache
 from bpkit.callbacks import gradient_clipping as gc_module
 from bpkit.errors import BpkitConfigError
 from bpkit.stats import norms as stats_norms
+from tests._helpers import sgd_or_adam, step_if_manual
 from tests.hostreads import HostReadCounter
 
 ALL = ["norm", "value", "agc", "autoclip", "zclip", "skip"]
@@ -50,17 +51,11 @@ class Regressor(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.mse_loss(self.net(x), y)
-        if not self.automatic_optimization:
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
+        step_if_manual(self, loss)
         return loss
 
     def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return sgd_or_adam(self, self.optimizer_name, self.lr)
 
 
 def _trainer(callbacks, tmp_path=None, **kwargs) -> pl.Trainer:

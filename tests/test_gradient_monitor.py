@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bpkit import BpkitConfigError
 from bpkit.callbacks import GradientMonitor, _step_cache
 from bpkit.detect import NonFiniteGradientError
-from tests._helpers import MemoryLogger, OpRecorder
+from tests._helpers import MemoryLogger, OpRecorder, sgd_or_adam, step_if_manual
 from tests.hostreads import HostReadCounter
 
 warnings.filterwarnings("ignore", ".*bpkit.*")
@@ -46,11 +46,7 @@ class Net(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
-        if not self.automatic_optimization:
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
+        step_if_manual(self, loss)
         return loss
 
     def on_after_backward(self):
@@ -58,9 +54,7 @@ class Net(pl.LightningModule):
             dict(self.named_parameters())[self.nan_param].grad[0, 0] = float("nan")
 
     def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return sgd_or_adam(self, self.optimizer_name, self.lr)
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(1)

@@ -15,7 +15,6 @@ from lightning.pytorch.callbacks.callback import Callback
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink, _step_cache
 from bpkit.clip import POLICIES, ClipPolicy, make_policy
-from bpkit.clip.norm import NormClip
 from bpkit.errors import BpkitConfigError, check_choice, check_int
 from bpkit.stats import norms as _norms
 from bpkit.stats.readback import readback
@@ -151,8 +150,7 @@ class GradientClipping(Callback):
         total, total_host = None, None
         if policy.needs_total_norm or log_now:
             total, total_host = self._total_norm(trainer, pl_module, optimizer, params, full_grads, policy.norm_type)
-        if isinstance(policy, NormClip):
-            policy.total_host = total_host
+        policy.total_host = total_host
         # a skip decided by another rank must leave this rank's statistics as that rank's: keep them to redo
         before = policy.state_dict() if self.policy == "skip" and trainer.world_size > 1 else None
         result = policy.apply(params, grads, total if policy.needs_total_norm else None)

@@ -300,7 +300,7 @@ class GradientMonitor(Callback):
         check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
         device = grads[0].device
         if plan.rows.must_drain(device) or plan.checks.must_drain(device):
-            self._replay(Readback(self._pending_rows()).result())  # only when a log interval outgrows the buffer
+            self._drain()  # only when a log interval outgrows the buffer
         # the per-step cost of detection: the norms are written into a preallocated device buffer, replayed
         # through the detectors at the next log step
         row_norms, row_total = plan.rows.push(step, device)
@@ -345,14 +345,14 @@ class GradientMonitor(Callback):
         if checks:
             # an action decides on this very step: the one host read per step that an action costs
             if checks[-1][0] == "exploding":  # the rule needs its history: read the buffered rows and replay them
-                flags = self._replay(Readback(self._pending_rows()).result()).get(id(plan), {})
+                flags = self._drain().get(id(plan), {})
             else:  # NaN/Inf in any gradient makes the total norm NaN/Inf: one number decides
                 total_host = stats.total.item()
                 _step_cache.note_host_total(pl_module, total_host)  # lets norm clipping skip a multiply by 1
                 flags = {"nonfinite": not math.isfinite(total_host)}
             for kind, action in checks:
                 if trainer.strategy.reduce_boolean_decision(bool(flags.get(kind, False)), all=False):
-                    self._act(trainer, optimizer, plan, kind, action, units.norms)
+                    self._act(trainer, optimizer, plan, kind, action, units)
                     break
 
     @staticmethod
@@ -386,15 +386,13 @@ class GradientMonitor(Callback):
         plan.pending = pending
 
     def _act(self, trainer: pl.Trainer, optimizer: Any, plan: _Plan, kind: str, action: str,
-             norms: torch.Tensor) -> None:
-        if self._pending_rows():  # the detector sees this step before it names the tensors
-            self._replay(Readback(self._pending_rows()).result())
+             units: GradStats) -> None:
+        self._drain()  # the detector sees this step before it names the tensors
         found = plan.detectors[kind].alerts(plan.units)
         if trainer.world_size > 1 and kind == "nonfinite":
             # every rank acts (the decision was agreed); the NaN may be on another rank's gradients only
             # (e.g. after DDP's all-reduce): every rank, rank 0 the logger included, names the same tensors
-            nonfinite = torch.isnan(norms * 0)
-            mask = trainer.strategy.reduce(nonfinite.to(torch.float32), reduce_op="sum")
+            mask = trainer.strategy.reduce(units.nonfinite.to(torch.float32), reduce_op="sum")
             bad = [u for u, m in zip(plan.units, Readback({"m": mask}).result()["m"].tolist()) if m > 0]
             if not found or found[0].where != ", ".join(bad):
                 step = int(trainer.global_step)
@@ -442,7 +440,7 @@ class GradientMonitor(Callback):
         step = max(trainer.global_step - 1 if self._stepped else trainer.global_step, 0)
         rows = self._loss_rows
         if rows.must_drain(total.device):
-            self._replay(Readback(self._pending_rows()).result())  # only when a log interval outgrows the buffer
+            self._drain()  # only when a log interval outgrows the buffer
         row_loss, row_total = rows.push(step, total.device)
         if has_loss:
             row_loss.copy_(loss.reshape(()))
@@ -461,6 +459,11 @@ class GradientMonitor(Callback):
         if len(self._loss_rows):
             out["loss/rows"] = self._loss_rows.pending()
         return out
+
+    def _drain(self) -> dict[int, dict[str, bool]]:
+        """Read every buffered row back (one copy) and replay it; what :meth:`_replay` returns."""
+        rows = self._pending_rows()
+        return self._replay(Readback(rows).result()) if rows else {}
 
     def _replay(self, host: Mapping[str, np.ndarray]) -> dict[int, dict[str, bool]]:
         """Feed the read-back rows to the detectors in step order. Returns, per plan (by ``id``), the
@@ -562,8 +565,7 @@ class GradientMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._pending_rows():  # a checkpoint holds every step seen so far (one read, at save time)
-            self._replay(Readback(self._pending_rows()).result())
+        self._drain()  # a checkpoint holds every step seen so far (one read, at save time)
         plans = {i: {"units": list(p.units), "detectors": {k: d.state_dict() for k, d in p.detectors.items()}}
                  for i, p in self._plans.items()}
         for i, saved in self._loaded.get("plans", {}).items():

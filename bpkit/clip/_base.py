@@ -44,6 +44,9 @@ class ClipPolicy:
     name = ""
     needs_total_norm = True
     norm_type = 2.0
+    #: the total norm on the host when the caller has it this step anyway (GradientMonitor's skip decision
+    #: reads it), set just before :meth:`apply`; a policy may use it to leave out work (``norm`` does)
+    total_host: float | None = None
 
     def bind(self, module: torch.nn.Module) -> "ClipPolicy":
         """Attach to the model whose gradients will be clipped (AGC needs its layer names)."""

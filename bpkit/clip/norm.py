@@ -43,13 +43,9 @@ class NormClip(ClipPolicy):
         if self.norm_type != self.norm_type:  # pragma: no cover - check_float rejects NaN already
             raise BpkitConfigError("norm_type", norm_type, "a number >= 1 or inf")
 
-    #: the total norm on the host when someone read it this step anyway (GradientMonitor's skip decision):
-    #: below the bound the factor is exactly 1 and the multiply is left out. Set per step, then cleared.
-    total_host: float | None = None
-
     def apply(self, params: list[torch.Tensor], grads: list[torch.Tensor], total: torch.Tensor | None) -> ClipResult:
         threshold = as_device_tensor(self.max_norm, total)
-        host, self.total_host = self.total_host, None
+        host, self.total_host = self.total_host, None  # below the bound the factor is exactly 1: no multiply
         # margin: the float32 factor max_norm / (total + eps) is then >= 1 for certain, so clamped to exactly 1
         unchanged = host is not None and host <= self.max_norm * (1 - 1e-6) - 1e-5
         coef = scale_grads_([] if unchanged else grads, total, threshold)
