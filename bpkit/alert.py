@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-ALERT_KINDS = ("vanishing", "exploding", "nonfinite", "spike", "dead", "saturated", "gradcheck")
+ALERT_KINDS = ("vanishing", "exploding", "nonfinite", "spike", "dead", "saturated", "gradcheck", "unused")
 
 
 @dataclass(frozen=True)
@@ -13,8 +13,10 @@ class Alert:
     """A problem found by a bpkit monitor, in plain words.
 
     Args:
-        kind: one of ``vanishing, exploding, nonfinite, spike, dead, saturated, gradcheck``.
-        step: the optimizer step (``trainer.global_step``) at which it was seen.
+        kind: one of ``vanishing, exploding, nonfinite, spike, dead, saturated, gradcheck, unused``
+            (``unused``: a parameter that got an exactly zero gradient on every step because its input is
+            all zeros: structurally unused, not vanishing).
+        step: the step at which it was seen (Lightning's logging step of that batch, the step of its ``train/loss``).
         where: parameter or module name(s) as in ``named_parameters()``/``named_modules()``;
             several names are joined with ``", "``.
         value: the measured value that triggered the alert.

@@ -352,7 +352,7 @@ def test_glob_matching_nothing_fails_at_fit_start():
     ({"saturation_threshold": 1.0}, "saturation_threshold=1.0"),
     ({"saturation_threshold": -0.5}, "saturation_threshold=-0.5"),
     ({"saturated_fraction": 1.5}, "saturated_fraction=1.5"),
-    ({"log_every_n_steps": 0}, "log_every_n_steps=0"),
+    ({"log_every_n_steps": -1}, "log_every_n_steps=-1"),
     ({"modules": []}, "modules=\\[\\]"),
     ({"modules": 3}, "modules=3"),
     ({"bins": 0}, "bins=0"),

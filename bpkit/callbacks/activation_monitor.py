@@ -14,7 +14,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from bpkit.alert import Alert
-from bpkit.callbacks import _sink
+from bpkit.callbacks import _cadence, _sink
 from bpkit.callbacks._checks import check_bool
 from bpkit.detect.activations import ActivationRules
 from bpkit.errors import BpkitConfigError, check_float, check_int
@@ -40,11 +40,17 @@ class ActivationMonitor(Callback):
     statistics are summed over the ranks (one all-reduce per log step) and equal one process's on the global
     batch: a unit is dead when it is zero on every rank, output gradients are divided by the world size.
 
+    A module whose input is the same for every sample of the batch (all zeros: a covariate or feature the
+    data does not have) carries nothing from the data; it is reported once as ``unused``, not as dead or
+    saturated (LeakyReLU or another init would not change it).
+
     Args:
         modules: ``"auto"`` (every activation module and every Linear, Conv and RNN/LSTM/GRU layer) or a
             module name glob, or a list of globs (``fnmatch``, e.g. ``"blocks.*.act"``).
-        log_every_n_steps: cadence in optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
-            A step ``s`` logs when ``(s + 1) % n == 0``, as Lightning's own logging does.
+        log_every_n_steps: cadence in batches; ``None`` follows ``Trainer(log_every_n_steps)``, ``0`` measures
+            nothing. The batches measured are those whose ``train/*`` metrics Lightning logs (a batch step ``s``
+            logs when ``(s + 1) % n == 0``), and their statistics are logged at that same step, also under
+            manual optimization with several optimizers.
         histograms: log a histogram per module.
         bins: histogram bins.
         hist_range: ``(low, high)`` of the linear histogram of unbounded outputs (tanh uses (-1, 1), sigmoid
@@ -82,8 +88,13 @@ class ActivationMonitor(Callback):
             raise BpkitConfigError("modules", modules, '"auto", a module name glob or a non-empty list of globs')
         self.modules = modules
         if log_every_n_steps is not None:
-            check_int("log_every_n_steps", log_every_n_steps)
+            check_int("log_every_n_steps", log_every_n_steps, 0)
         self.log_every_n_steps = log_every_n_steps
+        self._interval = 50
+        self._stepped = False  # an optimizer stepped during the current batch
+        self._spread: dict[str, torch.Tensor] = {}  # per module: how much its input differs between samples
+        self._unused: set[str] = set()
+        self._order: list[str] = []  # the modules measured on this log step, in the order they ran
         self.histograms = check_bool("histograms", histograms)
         self.bins = check_int("bins", bins)
         self.saturation_threshold = check_float("saturation_threshold", saturation_threshold, 0.5, 1.0,
@@ -113,6 +124,7 @@ class ActivationMonitor(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        self._interval = _cadence.interval(trainer, self.log_every_n_steps, "bpkit ActivationMonitor")
         named = [(n, m) for n, m in pl_module.named_modules() if n]
         compiled = [n for n, m in named if type(m).__name__ == "OptimizedModule"]
         hidden = tuple(f"{n}._orig_mod." for n in compiled) + tuple(f"{n}._orig_mod" for n in compiled)
@@ -154,22 +166,17 @@ class ActivationMonitor(Callback):
         self._grad = ActivationStats(chosen, None, bins=bins, log_magnitude=True) if self.gradients else None
 
     # ----------------------------------------------------------------- cadence
-    def _every(self, trainer: "pl.Trainer") -> int:
-        return self.log_every_n_steps if self.log_every_n_steps is not None else int(trainer.log_every_n_steps)
-
-    def _should_log(self, trainer: "pl.Trainer") -> bool:
-        every = self._every(trainer)
-        return every > 0 and (trainer.global_step + 1) % every == 0
-
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
-        if self._collecting_step is not None and self._collecting_step != trainer.global_step:
+        step = _cadence.batch_step(trainer)
+        self._stepped = False
+        if self._collecting_step is not None and self._collecting_step != step:
             self._flush(trainer, pl_module)
-        if not self._targets or not self._should_log(trainer):
+        if not self._targets or not _cadence.is_log_batch(trainer, self._interval):
             return
         if self._collecting_step is None:
-            self._collecting_step = trainer.global_step
+            self._collecting_step = step
             self._step_calls = 0
         self._world_size = trainer.world_size
         self._attach()
@@ -180,9 +187,13 @@ class ActivationMonitor(Callback):
         self._detach()
         if self._collecting_step is None:
             return
-        # with gradient accumulation the step's micro-batches are summed until the optimizer steps
-        if trainer.global_step != self._collecting_step or trainer.accumulate_grad_batches == 1:
+        # with gradient accumulation the micro-batches of one step are summed until the optimizer steps
+        if self._stepped or trainer.accumulate_grad_batches == 1 or not pl_module.automatic_optimization:
             self._flush(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        self._stepped = True
 
     # ----------------------------------------------------------------- hooks
     def _attach(self) -> None:
@@ -205,10 +216,24 @@ class ActivationMonitor(Callback):
             return
         self.hook_calls += 1
         self._step_calls += 1
+        self._note_spread(name, inputs)
         dim = unit_dim(module, y)
         self._act.update(name, y, dim)
         if self._grad is not None and y.requires_grad:
             y.register_hook(functools.partial(self._grad_hook, name, dim))
+
+    @torch.no_grad()
+    def _note_spread(self, name: str, inputs: Any) -> None:
+        """How much the module's input differs between the samples of the batch (0: the same for all)."""
+        x = output_tensor(inputs)
+        if x is None or x.dim() == 0 or x.shape[0] < 2:
+            spread = torch.ones((), device=x.device if x is not None else "cpu")  # unknown: counts as varying
+        else:
+            spread = (x - x[:1]).abs().amax().to(torch.float64)
+        prev = self._spread.get(name)
+        if prev is None:
+            self._order.append(name)
+        self._spread[name] = spread if prev is None else torch.maximum(prev, spread.to(prev.device))
 
     def _grad_hook(self, name: str, dim: int, grad: torch.Tensor) -> None:
         if self._grad is not None:
@@ -224,6 +249,7 @@ class ActivationMonitor(Callback):
         self._collecting_step = None
         assert self._act is not None and step is not None
         if self._step_calls == 0:
+            self._spread, self._order = {}, []
             self._act.reset()
             if self._grad is not None:
                 self._grad.reset()
@@ -236,15 +262,22 @@ class ActivationMonitor(Callback):
         parts = [self._act.packed(pl_module.device)]
         if self._grad is not None:
             parts.append(self._grad.packed(pl_module.device))
-        packed = torch.cat(parts)
+        spread_names = [n for n in self._names if n in self._spread]
+        parts.append(torch.stack([self._spread[n].to(pl_module.device, torch.float64) for n in spread_names])
+                     if spread_names else torch.zeros(0, dtype=torch.float64, device=pl_module.device))
+        self._spread = {}
+        packed = torch.cat([p.to(torch.float64) for p in parts])
         if trainer.world_size > 1:
             packed = trainer.strategy.reduce(packed, reduce_op="sum")
         host = readback({"stats": packed})["stats"]
         self._act.reset()
         split = parts[0].numel()
+        split_grad = split + (parts[1].numel() if self._grad is not None else 0)
         summed = trainer.world_size > 1
         acts = self._act.summarize(host[:split], one_batch_over_ranks=summed)
-        grads = self._grad.summarize(host[split:], one_batch_over_ranks=summed) if self._grad is not None else {}
+        grads = self._grad.summarize(host[split:split_grad], one_batch_over_ranks=summed) \
+            if self._grad is not None else {}
+        constant = self._constant_input(spread_names, host[split_grad:].tolist(), acts)
         if self._grad is not None:
             self._grad.reset()
 
@@ -258,11 +291,37 @@ class ActivationMonitor(Callback):
         _sink.log_scalars(trainer, scalars, step)
         if hists:
             _sink.log_histograms(trainer, hists, step)
-        alerts = self.rules.update(step, dead={n: s.dead_frac for n, s in acts.items()},
-                                   saturated={n: s.saturated_frac for n, s in acts.items()})
+        # a module fed the same input for every sample is unused by this data: not dead, not saturated
+        alerts = self._unused_alert(step, [n for n in constant if n not in self._unused])
+        skip = set(constant) | self._unused
+        alerts += self.rules.update(step, dead={n: s.dead_frac for n, s in acts.items() if n not in skip},
+                                    saturated={n: s.saturated_frac for n, s in acts.items() if n not in skip})
         for alert in alerts:
             self.alerts.append(alert)
             _sink.log_alert(trainer, alert)
+
+    def _constant_input(self, names: list[str], spreads: list[float], acts: dict[str, ModuleStats]) -> list[str]:
+        """The modules whose input was the same for every sample, in call order, up to the first module that is
+        dead on a varying input: what comes after a dead layer is starved by it, not unused by the data."""
+        order, self._order = self._order, []
+        constant = {n for n, v in zip(names, spreads) if v == 0.0}
+        out = []
+        for name in order:
+            if name in constant:
+                out.append(name)
+            elif name in acts and acts[name].dead_frac > self.rules.dead_threshold:
+                break
+        return out
+
+    def _unused_alert(self, step: int, names: list[str]) -> list[Alert]:
+        if not names:
+            return []
+        self._unused.update(names)
+        message = (f"unused modules: {', '.join(names)} get the same input for every sample of the batch (all zeros: "
+                   "for example covariates or features this data does not have, or a dead layer upstream), so they "
+                   "carry nothing from the data and their units look dead. This is not a dead-ReLU problem (LeakyReLU "
+                   "or another initialisation will not change it): feed these inputs, or remove the layers.")
+        return [Alert("unused", int(step), ", ".join(names), 0.0, 0.0, message)]
 
     # ----------------------------------------------------------------- cleanup and resume
     @override
@@ -281,12 +340,14 @@ class ActivationMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"rules": self.rules.state_dict(), "alerts": [a.to_dict() for a in self.alerts]}
+        return {"rules": self.rules.state_dict(), "alerts": [a.to_dict() for a in self.alerts],
+                "unused": sorted(self._unused)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rules.load_state_dict(state_dict.get("rules", {}))
         self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+        self._unused = set(state_dict.get("unused", ()))
 
 
 def _scalars(prefix: str, name: str, st: ModuleStats) -> dict[str, float]:

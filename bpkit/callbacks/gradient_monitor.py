@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from typing_extensions import override
 
 from bpkit.alert import Alert
-from bpkit.callbacks import _sink, _step_cache
+from bpkit.callbacks import _buffers, _cadence, _sink, _step_cache
 from bpkit.callbacks._checks import check_bool, check_globs
 from bpkit.detect import (ExplodingDetector, ExplodingGradientError, NonFiniteDetector, NonFiniteGradientError,
                           SpikeDetector, VanishingDetector)
@@ -87,6 +87,14 @@ class _Plan:
         self.snapshot_buffer: torch.Tensor | None = None  # kept between logging steps on a CPU only
         self.snapshot_params: list[torch.Tensor] = []
         self.snapshot_units: torch.Tensor | None = None
+        self.optimizer_size = 0  # parameters in the optimizer's groups when the plan was made
+        # host bookkeeping of the replay: which units ever got a non-zero gradient, and for how many steps a
+        # unit had a gradient that was exactly zero (structurally unused parameters, not vanishing ones)
+        self.nonzero = np.zeros(len(self.units), dtype=bool)
+        self.zero_steps = np.zeros(len(self.units), dtype=np.int64)
+        self.unused_flagged = np.zeros(len(self.units), dtype=bool)
+        self.trainable: np.ndarray | None = None  # per unit at the pending log step; None: all
+        self.present_masks: dict[tuple[bool, ...], tuple[torch.Tensor, np.ndarray]] = {}
 
     def units_of(self, stats: GradStats) -> GradStats:
         return stats.grouped(self.unit_of, len(self.units)) if self.grouped else stats
@@ -112,10 +120,20 @@ class GradientMonitor(Callback):
     ``update/ratio/<name>``, the histograms ``grad/hist/<name>`` and ``weight/hist/<name>``, and
     ``grad/alert/<kind>`` for every alert. Alerts are also warned and kept in ``.alerts``.
 
+    Watches every parameter the include/exclude globs select, frozen ones included: a layer unfrozen
+    mid-run (``BackboneFinetuning``, ``optimizer.add_param_group``) is watched from its first gradient,
+    while frozen tensors stay out of the per-layer scalars. A tensor whose gradient is exactly zero on
+    every step (its input is all zeros) is reported once as ``unused``, not as vanishing. A skipped step
+    (``on_nonfinite="skip"``) also puts back the buffers its forward pass changed (BatchNorm's running
+    statistics). A run that crashes writes its buffered steps and alerts, and the last steps' loss and
+    gradient norm (a ``last_steps`` entry of the run record).
+
     Args:
-        log_every_n_steps: read back and log every this many optimizer steps (default: the Trainer's
-            ``log_every_n_steps``). Detection covers every step regardless: each step writes its norms
-            into a device buffer, which is read back here and replayed through the rules.
+        log_every_n_steps: read back and log on the batches where Lightning logs ``train/*`` metrics with this
+            interval (default: the Trainer's ``log_every_n_steps``), at the step of that batch's ``train/loss``;
+            ``0``: no periodic logging. Detection covers every step regardless: each step writes its norms
+            into a device buffer, which is read back at log steps (or when full) and replayed through the rules;
+            alerts are warned and recorded either way.
         per_layer: log per-tensor (per-module) scalars; ``False`` logs the totals and alerts only.
         histograms: log fixed-range log10-magnitude histograms of gradients and weights.
         histogram_every_n_steps: the histograms' cadence (default: every 10th log interval, e.g. 500 steps
@@ -163,7 +181,7 @@ class GradientMonitor(Callback):
                  spike: bool | Mapping[str, Any] = True, check_every_n_steps: int = 10,
                  histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2) -> None:
         if log_every_n_steps is not None:
-            check_int("log_every_n_steps", log_every_n_steps, 1)
+            check_int("log_every_n_steps", log_every_n_steps, 0)
         self.log_every_n_steps = log_every_n_steps
         self._warned_at: dict[str, int] = {}
         self.per_layer = check_bool("per_layer", per_layer)
@@ -198,7 +216,12 @@ class GradientMonitor(Callback):
         self._totals: list[torch.Tensor] = []
         self._interval = 50
         self._hist_interval = 500
-        self._loss_rows = StepRows([(), ()], self._interval + 2)  # loss and total norm per batch, for the spike rule
+        self._rows_capacity = self._interval + 2
+        self._loss_rows = StepRows([(), ()], self._rows_capacity)  # loss and total norm per batch, for the spike rule
+        self._last_step = 0  # the batch step of the last optimizer step seen
+        self._pending_step: int | None = None  # the batch step whose statistics wait to be logged
+        self._recent: dict[int, dict[str, Any]] = {}  # the last steps replayed, for a crash report
+        self._unused_after = 10  # steps with an exactly zero gradient before a tensor is called unused
         self._stepped = False
         self._inactive = False
 
@@ -209,7 +232,8 @@ class GradientMonitor(Callback):
     # ---------------------------------------------------------------- setup
 
     def _selected(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        # frozen parameters too: one unfrozen later (BackboneFinetuning) is watched from its first gradient
+        named = list(pl_module.named_parameters())
         out = [(n, p) for n, p in named
                if (not self.include or any(fnmatch.fnmatchcase(n, g) for g in self.include))
                and not any(fnmatch.fnmatchcase(n, g) for g in self.exclude)]
@@ -217,10 +241,11 @@ class GradientMonitor(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._interval = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        self._interval = _cadence.interval(trainer, self.log_every_n_steps, "bpkit GradientMonitor")
         self._hist_interval = self.histogram_every_n_steps or 10 * self._interval
+        self._rows_capacity = (self._interval or 50) + 2  # with no periodic log, the rows are read back when full
         if not len(self._loss_rows):
-            self._loss_rows = StepRows([(), ()], self._interval * max(1, int(trainer.accumulate_grad_batches or 1)) + 2)
+            self._loss_rows = StepRows([(), ()], self._rows_capacity * max(1, int(trainer.accumulate_grad_batches or 1)))
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         self._inactive = not names
         if not names:
@@ -230,11 +255,12 @@ class GradientMonitor(Callback):
             warnings.warn(f"bpkit GradientMonitor: {type(pl_module).__name__} has no trainable parameters; "
                           "there are no gradients to monitor and nothing is logged.", UserWarning, stacklevel=2)
             return
+        names = [n for n, _ in pl_module.named_parameters()]  # a glob may name layers that are unfrozen later
         example = names[0]
         for key, globs in (("include", self.include), ("exclude", self.exclude)):
             for g in globs:
                 if not any(fnmatch.fnmatchcase(n, g) for n in names):
-                    raise BpkitConfigError(key, g, f"a glob matching at least one trainable parameter name "
+                    raise BpkitConfigError(key, g, f"a glob matching at least one parameter name "
                                                    f"(e.g. {example!r})")
         if not self._selected(pl_module):
             raise BpkitConfigError("include", list(self.include), "a selection that leaves at least one parameter "
@@ -242,27 +268,38 @@ class GradientMonitor(Callback):
 
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> _Plan | None:
         plan = self._plan_by_opt.get(id(optimizer))
-        if plan is not None:
+        size = sum(len(group["params"]) for group in optimizer.param_groups)
+        if plan is not None and plan.optimizer_size == size:
             return plan
         index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), len(self._plans))
-        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        selected = [(n, p) for n, p in self._selected(pl_module) if id(p) in in_opt]
+        selected = self._selected(pl_module)
+        if len(trainer.optimizers) > 1:  # each optimizer's plan watches its own parameters
+            in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            selected = [(n, p) for n, p in selected if id(p) in in_opt]
         if not selected:
             return None
-        trainable = [p for p in pl_module.parameters() if p.requires_grad]
-        covers_all = len(selected) == len(trainable)
+        if plan is not None and [n for n, _ in selected] == plan.names:
+            plan.optimizer_size = size  # a group was added, the watched tensors are the same: keep the plan
+            return plan
+        if plan is not None:
+            self._drain()  # the old plan's buffered steps go through its detectors before it is replaced
+            self._plans.pop(index, None)
+        # every parameter of the module is in the plan: the tensors with a gradient are then all the gradients
+        covers_all = len(selected) == sum(1 for _ in pl_module.parameters())
         plan = _Plan([p for _, p in selected], [n for n, _ in selected], self.group_by, selected[0][1].device,
-                     covers_all, self._interval, self.check_every_n_steps)
+                     covers_all, self._rows_capacity - 2, self.check_every_n_steps)
+        plan.optimizer_size = size
         if self._vanishing is not None:
             plan.detectors["vanishing"] = VanishingDetector(**self._vanishing)
         if self._exploding is not None:
             plan.detectors["exploding"] = ExplodingDetector(**self._exploding)
         plan.detectors["nonfinite"] = NonFiniteDetector()
-        saved = self._loaded.get("plans", {}).get(index)
+        saved = self._loaded.get("plans", {}).pop(index, None)
+        if saved is not None and list(saved["units"]) != plan.units:
+            warnings.warn(f"bpkit GradientMonitor: the checkpoint's state watched {len(saved['units'])} tensors, "
+                          f"this run watches {len(plan.units)}; the detectors start afresh.", UserWarning, stacklevel=2)
+            saved = None
         if saved is not None:
-            if list(saved["units"]) != plan.units:
-                raise BpkitConfigError("checkpoint", "GradientMonitor state",
-                                       "the same monitored parameters as when the checkpoint was saved")
             for kind, det in plan.detectors.items():
                 if kind in saved["detectors"]:
                     det.load_state_dict(saved["detectors"][kind])
@@ -277,6 +314,8 @@ class GradientMonitor(Callback):
                              batch_idx: int) -> None:
         self._stepped = False
         self._totals.clear()
+        if "skip" in (self.on_nonfinite, self.on_exploding) or "stop" in (self.on_nonfinite, self.on_exploding):
+            _buffers.save_for_skip(trainer, pl_module)  # a skipped step puts BatchNorm's running stats back
 
     @override
     @torch.no_grad()
@@ -285,25 +324,31 @@ class GradientMonitor(Callback):
         if plan is None:
             return
         self._stepped = True
-        step = trainer.global_step
-        present = [p.grad is not None for p in plan.params]
+        step = self._last_step = _cadence.batch_step(trainer)  # the step of this batch's train/loss
+        present = tuple(p.grad is not None for p in plan.params)
+        present_mask = None
         if all(present):
             params, present_idx = plan.params, None
         elif any(present):
             params = [p for p, ok in zip(plan.params, present) if ok]
-            present_idx = torch.as_tensor([i for i, ok in enumerate(present) if ok], device=params[0].device)
+            cached = plan.present_masks.get(present)
+            if cached is None:  # frozen or unused tensors: the same few patterns step after step
+                cached = (torch.as_tensor([i for i, ok in enumerate(present) if ok], device=params[0].device),
+                          np.array(present))
+                plan.present_masks[present] = cached
+            present_idx, present_mask = cached
         else:
             return
         grads = [p.grad for p in params]
-        hist_step = self.histograms and (step + 1) % self._hist_interval == 0
-        log_step = hist_step or (step + 1) % self._interval == 0
+        hist_step = self.histograms and self._interval > 0 and (step + 1) % self._hist_interval == 0
+        log_step = hist_step or _cadence.is_log_batch(trainer, self._interval)
         check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
         device = grads[0].device
         if plan.rows.must_drain(device) or plan.checks.must_drain(device):
             self._drain()  # only when a log interval outgrows the buffer
         # the per-step cost of detection: the norms are written into a preallocated device buffer, replayed
         # through the detectors at the next log step
-        row_norms, row_total = plan.rows.push(step, device)
+        row_norms, row_total = plan.rows.push(step, device, present_mask)
         direct = present_idx is None and not plan.grouped
         # the vanishing rule compares with the weight norms of the last logging step (weights move ~1e-3 per
         # step, the rule's threshold is 1e-5 of the weight norm): a check step reads no weights
@@ -336,6 +381,10 @@ class GradientMonitor(Callback):
 
         if log_step:
             self._prepare_log(plan, units, stats, grads, params, present_idx, hist_step)
+            self._pending_step = step
+            # frozen tensors (requires_grad=False) are left out of the per-layer scalars, not logged as zeros
+            plan.trainable = None if present_idx is None else \
+                plan.units_present(np.array([p.requires_grad for p in plan.params]))
 
         checks = []
         if self.on_nonfinite != "warn":
@@ -352,7 +401,7 @@ class GradientMonitor(Callback):
                 flags = {"nonfinite": not math.isfinite(total_host)}
             for kind, action in checks:
                 if trainer.strategy.reduce_boolean_decision(bool(flags.get(kind, False)), all=False):
-                    self._act(trainer, optimizer, plan, kind, action, units)
+                    self._act(trainer, pl_module, optimizer, plan, kind, action, units)
                     break
 
     @staticmethod
@@ -385,8 +434,8 @@ class GradientMonitor(Callback):
             plan.snapshot_units = seg
         plan.pending = pending
 
-    def _act(self, trainer: pl.Trainer, optimizer: Any, plan: _Plan, kind: str, action: str,
-             units: GradStats) -> None:
+    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, plan: _Plan, kind: str,
+             action: str, units: GradStats) -> None:
         self._drain()  # the detector sees this step before it names the tensors
         found = plan.detectors[kind].alerts(plan.units)
         if trainer.world_size > 1 and kind == "nonfinite":
@@ -395,22 +444,23 @@ class GradientMonitor(Callback):
             mask = trainer.strategy.reduce(units.nonfinite.to(torch.float32), reduce_op="sum")
             bad = [u for u, m in zip(plan.units, Readback({"m": mask}).result()["m"].tolist()) if m > 0]
             if not found or found[0].where != ", ".join(bad):
-                step = int(trainer.global_step)
+                step = _cadence.batch_step(trainer)
                 found = [Alert("nonfinite", step, ", ".join(bad), 1.0, 0.0, nonfinite_message(bad, step))]
         if not found and kind == "nonfinite":  # every tensor's norm is finite, their total overflowed float32
-            step = int(trainer.global_step)
+            step = _cadence.batch_step(trainer)
             found = [Alert("nonfinite", step, "total", 1.0, 0.0,
                            f"the total gradient norm overflowed float32 at step {step} (each tensor's own norm is "
                            "finite); lower the learning rate or clip gradients.")]
         self._emit(trainer, found)
         if action == "raise":
             error = NonFiniteGradientError if kind == "nonfinite" else ExplodingGradientError
-            raise error(found[0].message if found else f"{kind} gradients at step {trainer.global_step}")
+            raise error(found[0].message if found else f"{kind} gradients at step {_cadence.batch_step(trainer)}")
         # torch optimizers (and GradScaler.step) skip parameters whose .grad is None: weights and
         # optimizer state stay exactly as they were
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
+        _buffers.restore_after_skip(pl_module)  # the forward of this step moved BatchNorm's running stats
         self.skipped_steps += 1
         if action == "stop":
             trainer.should_stop = True
@@ -437,7 +487,7 @@ class GradientMonitor(Callback):
         else:
             total = self._totals[0] if self._totals else ref.new_full((), float("nan"), dtype=torch.float32)
         # the loss of a batch belongs to the optimizer step it fed
-        step = max(trainer.global_step - 1 if self._stepped else trainer.global_step, 0)
+        step = _cadence.batch_step(trainer)
         rows = self._loss_rows
         if rows.must_drain(total.device):
             self._drain()  # only when a log interval outgrows the buffer
@@ -472,27 +522,73 @@ class GradientMonitor(Callback):
         for i, plan in self._plans.items():
             width, det = len(plan.units), plan.detectors
             if f"{i}/rows" in host:
-                steps, _ = plan.rows.take()
+                steps, masks = plan.rows.take()
                 last = {}
-                for step, row in zip(steps, host[f"{i}/rows"]):
+                for step, mask, row in zip(steps, masks, host[f"{i}/rows"]):
                     norms, total = row[:width], row[width]
-                    last["nonfinite"] = det["nonfinite"].update(~np.isfinite(norms), step)
+                    nonfinite = ~np.isfinite(norms)
+                    last["nonfinite"] = det["nonfinite"].update(nonfinite, step)
                     if "exploding" in det:
                         last["exploding"] = det["exploding"].update(total, norms, step)
+                    got = np.ones(width, dtype=bool) if mask is None else plan.units_present(mask)
+                    plan.nonzero |= got & (norms != 0)
+                    plan.zero_steps += got & (norms == 0)
+                    self._note_recent(step, total=float(total), nonfinite=bool(nonfinite.any()))
                 flags[id(plan)] = last
             if f"{i}/checks" in host:
                 steps, eligible = plan.checks.take()
                 for step, mask, row in zip(steps, eligible, host[f"{i}/checks"]):
-                    det["vanishing"].update(row[:width], row[width:], step, mask)
+                    # a tensor whose gradient has been exactly zero on every step is unused, not vanishing
+                    det["vanishing"].update(row[:width], row[width:], step, mask & plan.nonzero)
         if "loss/rows" in host:
             steps, _ = self._loss_rows.take()
             for step, row in zip(steps, host["loss/rows"]):
                 self._loss_spike.update(row, step)
+                self._note_recent(step, loss=float(row[0]))
         return flags
+
+    def _note_recent(self, step: int, **values: Any) -> None:
+        self._recent.setdefault(int(step), {}).update(values)
+        while len(self._recent) > 20:  # the last steps, for the record of a run that crashes
+            del self._recent[min(self._recent)]
+
+    def _unused_alerts(self, plan: _Plan) -> list[Alert]:
+        """Tensors that had a gradient, exactly zero, on each of ``_unused_after`` or more steps: reported once."""
+        new = ~plan.nonzero & ~plan.unused_flagged & (plan.zero_steps >= self._unused_after)
+        if not new.any():
+            return []
+        plan.unused_flagged |= new
+        hit = [u for u, m in zip(plan.units, new) if m]
+        owners = sorted({u.rsplit(".", 1)[0] if "." in u and not plan.grouped else u for u in hit})
+        steps = int(plan.zero_steps[new].min())
+        message = (f"unused parameters: {', '.join(hit)} got a gradient of exactly zero on every one of {steps}+ "
+                   f"steps. Nothing from the data reaches them: the input of {', '.join(owners)} is all zeros (for "
+                   "example covariates or features this data does not have) or its output does not affect the loss. "
+                   "This is not a vanishing gradient (initialisation, activations or normalisation will not change "
+                   "it): feed these inputs, or drop the layers.")
+        return [Alert("unused", self._last_step, ", ".join(hit), 0.0, 0.0, message)]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer, final=True)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A crash (even before the first log step) keeps what was seen: the buffered steps go through the rules,
+        the alerts are written, and the record gets the last steps' loss and gradient norm."""
+        try:
+            self._flush(trainer, final=True)
+        except Exception as err:  # the run is already failing: say why the record is short, keep the real error
+            warnings.warn(f"bpkit GradientMonitor: could not write the last statistics: {err!r}", RuntimeWarning,
+                          stacklevel=2)
+        if self._recent:
+            steps = sorted(self._recent)
+            rows = [self._recent[s] for s in steps]
+            _sink.log_record(trainer, "last_steps", steps[-1], {
+                "steps": steps, "loss": [r.get("loss") for r in rows],
+                "grad_norm_total": [r.get("total") for r in rows],
+                "nonfinite": [bool(r.get("nonfinite", False)) for r in rows],
+                "exception": f"{type(exception).__name__}: {exception}"})
 
     def _flush(self, trainer: pl.Trainer, final: bool = False) -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -511,7 +607,8 @@ class GradientMonitor(Callback):
             return
         host = Readback(tensors).result()  # the one device->host copy of a log step
         self._replay(host)
-        step = trainer.global_step
+        step = self._pending_step if self._pending_step is not None else self._last_step
+        self._pending_step = None
         metrics: dict[str, float] = {}
         hists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         found: list[Alert] = []
@@ -521,6 +618,7 @@ class GradientMonitor(Callback):
                 plan.pending, plan.snapshot, plan.snapshot_params = None, None, []
             for det in plan.detectors.values():
                 found += det.alerts(plan.units)
+            found += self._unused_alerts(plan)
         if self._loss_spike is not None:
             found += self._loss_spike.alerts()
         for alert in found:
@@ -535,28 +633,32 @@ class GradientMonitor(Callback):
                  hists: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         tag = "" if len(self._plans) == 1 else f"opt{i}/"
         metrics[f"grad/{tag}norm_total"] = float(host[f"{i}/total"])
+        keep = plan.trainable if plan.trainable is not None else [True] * len(plan.units)
         if self.per_layer:
             columns = [("grad/norm", "norms"), ("grad/max", "max"), ("weight/norm", "weight"),
                        ("update/ratio", "update")]
             for prefix, key in columns:
                 if f"{i}/{key}" in host:
-                    for unit, v in zip(plan.units, host[f"{i}/{key}"].tolist()):
-                        metrics[f"{prefix}/{tag}{unit}"] = v
+                    for unit, v, ok in zip(plan.units, host[f"{i}/{key}"].tolist(), keep):
+                        if ok:
+                            metrics[f"{prefix}/{tag}{unit}"] = v
         if f"{i}/grad_hist" in host:
             edges = self.hist_spec.edges()
             for kind in ("grad", "weight"):
-                for unit, row in zip(plan.units, host[f"{i}/{kind}_hist"]):
+                for unit, row, ok in zip(plan.units, host[f"{i}/{kind}_hist"], keep):
+                    if not ok:
+                        continue
                     hists[f"{kind}/hist/{tag}{unit}"] = (LogHistogramSpec.split(row)[0], edges)
 
     def _emit(self, trainer: pl.Trainer, found: list[Alert], log_metric: bool = True) -> None:
         for alert in found:
             self.alerts.append(alert)
             if log_metric:
-                _sink.log_scalars(trainer, {f"grad/alert/{alert.kind}": 1.0}, trainer.global_step)
+                _sink.log_scalars(trainer, {f"grad/alert/{alert.kind}": 1.0}, alert.step)
             # a run that keeps producing NaN would print a warning per step: warn once per kind and ten log
             # intervals; every alert still goes to .alerts, grad/alert/<kind> and the run record
             last = self._warned_at.get(alert.kind)
-            warn = last is None or alert.step - last >= 10 * getattr(self, "_interval", 50)
+            warn = last is None or alert.step - last >= 10 * (getattr(self, "_interval", 50) or 50)
             if warn:
                 self._warned_at[alert.kind] = alert.step
             _sink.log_alert(trainer, alert, warn=warn)
