@@ -305,3 +305,12 @@ def test_a_crash_before_the_first_log_step_keeps_the_last_steps_and_alerts(tmp_p
     assert last[0]["nonfinite"] == [False, True, False]
     assert "RuntimeError: Loss is NaN" in last[0]["exception"]
     assert [(e["data"]["kind"], e["step"]) for e in entries if e["type"] == "alert"] == [("nonfinite", 1)]
+
+
+def test_a_record_cut_mid_line_does_not_swallow_the_next_runs_first_entry(tmp_path):
+    (tmp_path / "bpkit_record.jsonl").write_text('{"type": "run", "step": 0, "data": {"event": "start"}}\n{"type": "sca')
+    _trainer([GradientMonitor()], max_steps=2, default_root_dir=tmp_path).fit(Classifier())
+    lines = (tmp_path / "bpkit_record.jsonl").read_text().splitlines()
+    assert lines[1] == '{"type": "sca'  # the cut line stays as it was, alone on its line
+    assert all(json.loads(line) for line in lines[2:])
+    assert any(json.loads(line)["type"] == "scalars" for line in lines[2:])

@@ -68,12 +68,26 @@ def _safe(trainer: Any, target: Any, what: str, fn) -> None:
                       stacklevel=3)
 
 
+_CHECKED_ENDS: set[str] = set()  # record files whose last line was checked for completeness in this process
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def _append_record(trainer: Any, entry: dict[str, Any]) -> None:
     path = record_path(trainer)
 
     def write() -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
+            if path not in _CHECKED_ENDS:
+                # a run killed mid-write left a partial last line: end it, so this run's first entry stays whole
+                _CHECKED_ENDS.add(path)
+                if f.tell() > 0 and not _ends_with_newline(path):
+                    f.write("\n")
             f.write(json.dumps(entry, allow_nan=True) + "\n")
             f.flush()
 

@@ -359,7 +359,7 @@ class GradientMonitor(Callback):
         stats = grad_stats(grads, params if need_weights else None, max_abs=log_step,
                            out=(row_norms, row_total) if direct else None,
                            scratch=plan.snapshot_buffer if log_step else None)
-        if (present_idx is None and plan.covers_all) or self._all_with_grad(pl_module, params):
+        if plan.covers_all or self._all_with_grad(pl_module, params):  # every gradient of the module is in `params`
             # GradientClipping, later in this hook, reuses these norms (only when they cover every gradient)
             _step_cache.publish(pl_module, trainer, optimizer, params, stats.norms, stats.total,
                                 param_ids=plan.param_ids if present_idx is None else None)
