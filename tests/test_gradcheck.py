@@ -254,10 +254,10 @@ def test_a_step_across_a_kink_is_confirmed_at_a_smaller_step():
     assert not strict.passed and "element [0]" in strict.params[0].reason and "ratio 1.333" in strict.params[0].reason
     report = check_gradients(fn, x, mode="full")
     assert report.passed and "kink" in report.params[0].reason
-    assert report.evaluations == 1 + 2 * 3 * 2
+    assert report.evaluations == 1 + 2 + 2 * 3 * 2  # autograd pass, determinism check, 3 elements x 2 steps
     # a wrong backward stays wrong at every step size
     wrong = check_gradients(lambda t: _Cube.apply(t, True).sum(), x, mode="full")
-    assert not wrong.passed and wrong.evaluations == 1 + 2 * 3 * 3
+    assert not wrong.passed and wrong.evaluations == 1 + 2 + 2 * 3 * 3
 
 
 # --- Lightning-like modules (duck typed: no Trainer) -------------------------------------------
@@ -402,8 +402,9 @@ def test_report_dict_is_json_and_raise_if_failed():
     assert d["passed"] is False and d["failed"] == report.failed and d["suspect"] == "layers.4.weight"
     row = {p["name"]: p for p in d["params"]}["layers.4.weight"]
     assert row["shape"] == [3, 12] and row["passed"] is False and row["rel_error"] > report.rtol
-    # 2 passes per direction, 3 directions per tensor; failing tensors are probed again at eps/10 and eps/100
-    assert d["evaluations"] == 1 + 2 * 3 * (len(d["params"]) + 2 * len(d["failed"]))
+    # the autograd pass, 2 for the determinism check, 2 passes per direction, 3 directions per tensor; failing
+    # tensors are probed again at eps/10 and eps/100
+    assert d["evaluations"] == 1 + 2 + 2 * 3 * (len(d["params"]) + 2 * len(d["failed"]))
     with pytest.raises(GradcheckError, match="layers.4.weight"):
         report.raise_if_failed()
 

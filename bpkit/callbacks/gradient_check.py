@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +16,8 @@ from typing_extensions import override
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink
 from bpkit.callbacks._checks import check_bool
-from bpkit.errors import BpkitConfigError, check_choice, check_int
-from bpkit.gradcheck import MODES, GradcheckError, GradcheckReport, check_gradients
+from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
+from bpkit.gradcheck import MODES, GradcheckError, GradcheckReport, GradcheckUnsupported, check_gradients
 from bpkit.gradcheck.check import validate_options
 
 ON_FAILURE = ("warn", "raise")
@@ -28,20 +30,38 @@ class GradientCheck(Callback):
     When the first training batch arrives (already on the device, before the first optimizer step)
     and, with ``every_n_steps``, at every multiple of it, the callback runs
     :func:`bpkit.gradcheck.check_gradients` on a float64 copy of the module, with the loss of the
-    module's own ``training_step`` on that batch. The module, its RNG streams and the training run
-    are unchanged: a run with the callback trains bit for bit like one without it.
+    module's own ``training_step`` on that batch (``training_step(batch)`` when it takes one argument;
+    the first chunk with a loss for a ``bpkit.tbptt.TBPTTModule``). By default it checks the tensors the
+    optimizers update. The module, its state (BatchNorm statistics, replay buffers, environments), the
+    torch/Python/NumPy RNG streams and the training run are unchanged: the step runs only on the copy,
+    and a run with the callback trains bit for bit like one without it.
 
     Each check logs its table to the run record (``type: "gradcheck"``), prints it at INFO level,
-    and logs the scalars ``gradcheck/max_rel_error``, ``gradcheck/failed_tensors`` and
-    ``gradcheck/seconds``. A failure becomes an :class:`~bpkit.Alert` of kind ``gradcheck`` naming
-    the failing tensors (kept in ``.alerts``, warned and recorded), or raises
-    :class:`~bpkit.gradcheck.GradcheckError` with ``on_failure="raise"``. Steps without a check do
-    no work and read nothing from the device.
+    and logs the scalars ``gradcheck/max_rel_error``, ``gradcheck/failed_tensors``,
+    ``gradcheck/checked_tensors``, ``gradcheck/total_tensors`` and ``gradcheck/seconds``. A failure
+    becomes an :class:`~bpkit.Alert` of kind ``gradcheck`` naming the failing tensors (kept in
+    ``.alerts``, warned and recorded), or raises :class:`~bpkit.gradcheck.GradcheckError` with
+    ``on_failure="raise"``. Steps without a check do no work and read nothing from the device.
+
+    The check never stops training otherwise. What it cannot check it skips with one warning
+    (``bpkit GradientCheck: skipped at step N: <why>. To check by hand: ...``) and a record entry
+    ``{"skipped": why, "hint": ...}``: a manual-optimization ``training_step`` (it steps the optimizers),
+    a model without trainable parameters, a loss that is not a deterministic function of the weights
+    (randomness the check cannot re-seed, an environment, a replay buffer or a target network that changes
+    with each call), a module that cannot be copied, a step that fails on the copy. When the float64 copy
+    cannot run (a cast such as ``x.float()``, a float32 tensor created inside ``forward``), the check runs
+    in float32 with a warning; there, tensors whose finite differences disagree only within round-off are
+    reported as inconclusive, not failed. Only ``params`` matching no tensor raises (a wrong argument).
+
+    ``max_seconds`` bounds the check's time: tensors are checked most informative first (the first, the
+    last, then spread across depth), and when time runs out the report, a warning and the record say what
+    was covered (``checked 12 of 89 tensors (3.1 M of 25 M elements) in 5.0 s; the rest were not checked``).
 
     Args:
         mode: ``directional`` (a few forward passes per tensor, any size) or ``full`` (per element).
         every_n_steps: also check at every multiple of this many optimizer steps; ``None``: only at start.
-        params: glob(s) over parameter names to check (``"model.blocks.0.*"``); default: all trainable.
+        params: glob(s) over parameter names to check (``"model.blocks.0.*"``); default: the trainable
+            tensors the optimizers update (all trainable ones when the optimizers hold none of them).
         n_directions: directions per tensor (directional mode).
         max_elements: elements per tensor (full mode).
         eps: finite-difference step (default 1e-6 in float64).
@@ -54,6 +74,7 @@ class GradientCheck(Callback):
         seed: seed of the evaluations and of the random directions.
         progress: show a progress bar: ``True``, ``False`` or ``"auto"`` (when more than 20 tensors
             are checked and the Trainer shows a progress bar).
+        max_seconds: time budget of each check in seconds (``None``: no limit, check every tensor).
 
     Raises:
         BpkitConfigError: on a bad argument.
@@ -73,7 +94,8 @@ class GradientCheck(Callback):
                  params: str | Sequence[str] | None = None, n_directions: int = 3, max_elements: int = 32,
                  eps: float | None = None, rtol: float | None = None, atol: float | None = None,
                  dtype: str | torch.dtype = "float64", on_failure: str = "warn", batch_independence: bool = False,
-                 train: bool = True, seed: int = 0, progress: bool | str = "auto") -> None:
+                 train: bool = True, seed: int = 0, progress: bool | str = "auto",
+                 max_seconds: float | None = 5.0) -> None:
         self.mode = check_choice("mode", mode, MODES)
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps)
         if params is not None and not isinstance(params, str):
@@ -85,15 +107,22 @@ class GradientCheck(Callback):
         if progress not in (True, False, "auto"):
             raise BpkitConfigError("progress", progress, "true, false or 'auto'")
         self.progress = progress
+        self.max_seconds = None if max_seconds is None else check_float("max_seconds", max_seconds, 0.0,
+                                                                         low_inclusive=False)
+        self.dtype = dtype
         self.batch_independence = check_bool("batch_independence", batch_independence)
         check_bool("train", train)
         self._kwargs: dict[str, Any] = dict(mode=mode, params=params, n_directions=n_directions,
                                             max_elements=max_elements, eps=eps, rtol=rtol, atol=atol, dtype=dtype,
-                                            train=train, seed=seed, batch_independence=self.batch_independence)
+                                            train=train, seed=seed, batch_independence=self.batch_independence,
+                                            max_seconds=self.max_seconds)
         validate_options(mode=mode, n_directions=n_directions, max_elements=max_elements, eps=eps, rtol=rtol,
                          atol=atol, dtype=dtype, seed=seed)
         self.alerts: list[Alert] = []
         self.reports: list[tuple[int, GradcheckReport]] = []
+        #: ``(step, why)`` for every check that could not run
+        self.skipped: list[tuple[int, str]] = []
+        self._warned: set[str] = set()
         self._last_step: int | None = None
         self._checked_this_fit = False
 
@@ -116,25 +145,91 @@ class GradientCheck(Callback):
             return
         self._checked_this_fit = True
         self._last_step = step
-        report = self.check(trainer, pl_module, batch, batch_idx)
+        try:
+            report = self.check(trainer, pl_module, batch, batch_idx)
+        except BpkitConfigError as exc:
+            if exc.key == "params":  # the callback's own argument matches nothing: a configuration error
+                raise
+            self._skip(trainer, step, exc)
+            return
+        except Exception as exc:  # the check must never stop the run
+            self._skip(trainer, step, exc)
+            return
         self._handle(trainer, report, step)
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
               batch_idx: int = 0) -> GradcheckReport:
-        """Run one check of ``pl_module`` on ``batch`` now (the hook calls this)."""
+        """Run one check of ``pl_module`` on ``batch`` now (the hook calls this).
+
+        Raises what :func:`~bpkit.gradcheck.check_gradients` raises (the hook turns it into a skip), after
+        a float32 retry when the float64 copy cannot evaluate the step.
+        """
+        kwargs = dict(self._kwargs)
+        if kwargs["params"] is None:
+            kwargs["params"] = _optimized(trainer, pl_module)
         bar = _ProgressBar(self.progress, trainer)
         try:
-            return check_gradients(pl_module, batch, batch_idx=batch_idx, progress=bar, **self._kwargs)
+            try:
+                return check_gradients(pl_module, batch, batch_idx=batch_idx, progress=bar, **kwargs)
+            except BpkitConfigError as exc:
+                if not (exc.key == "batch" and exc.__cause__ is not None and kwargs["dtype"] == torch.float64):
+                    raise
+                first_error = exc.__cause__
+            bar.close()
+            bar = _ProgressBar(self.progress, trainer)
+            kwargs.update(dtype=torch.float32, eps=None, rtol=None, atol=None)
+            try:
+                report = check_gradients(pl_module, batch, batch_idx=batch_idx, progress=bar, **kwargs)
+            except BpkitConfigError as exc:
+                if exc.key == "batch":
+                    raise GradcheckUnsupported(
+                        f"training_step fails on the float64 copy ({type(first_error).__name__}: {first_error}) "
+                        f"and on a float32 copy ({exc.expected})",
+                        "bpkit.gradcheck.check_gradients(model.net, (x, y), loss_fn=...) on the network itself, "
+                        "with a batch it accepts") from exc
+                raise
+            report.notes.insert(0, f"ran in float32: the float64 copy cannot run the step "
+                                   f"({type(first_error).__name__}: {_short(first_error)}; a cast such as x.float() "
+                                   f"or a float32 tensor created in forward?). Float32 finite differences are "
+                                   f"unreliable: tensors that disagree only within round-off are reported as "
+                                   f"inconclusive, not failed")
+            return report
         finally:
             bar.close()
+
+    def _skip(self, trainer: pl.Trainer, step: int, exc: BaseException) -> None:
+        """One warning and a record entry saying why the check was skipped; training goes on."""
+        if isinstance(exc, GradcheckUnsupported):
+            reason, hint = exc.reason, exc.hint
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            hint = ("bpkit.gradcheck.check_gradients(model, batch) outside the Trainer, or on the network itself: "
+                    "bpkit.gradcheck.check_gradients(model.net, (x, y), loss_fn=torch.nn.functional.cross_entropy)")
+        message = f"bpkit GradientCheck: skipped at step {step}: {reason}. To check by hand: {hint}"
+        self.skipped.append((step, reason))
+        if trainer.is_global_zero and reason not in self._warned:  # once per reason: every_n_steps would repeat it
+            self._warned.add(reason)
+            warnings.warn(message, UserWarning, stacklevel=2)
+        _sink.log_record(trainer, "gradcheck", step, {"skipped": reason, "hint": hint})
+        trainer.strategy.reduce_boolean_decision(False, all=False)  # the same collectives as a check on every rank
 
     def _handle(self, trainer: pl.Trainer, report: GradcheckReport, step: int) -> None:
         self.reports.append((step, report))
         _sink.log_record(trainer, "gradcheck", step, report.to_dict())
         _sink.log_scalars(trainer, {"gradcheck/max_rel_error": report.max_rel_error,
                                     "gradcheck/failed_tensors": float(len(report.failed)),
+                                    "gradcheck/inconclusive_tensors": float(len(report.inconclusive)),
+                                    "gradcheck/checked_tensors": float(report.checked_tensors),
+                                    "gradcheck/total_tensors": float(report.total_tensors),
                                     "gradcheck/seconds": report.seconds}, step)
         rank_zero_info(str(report))
+        if trainer.is_global_zero:
+            for note in report.notes:
+                if note.startswith("ran in float32"):
+                    warnings.warn(f"bpkit GradientCheck at step {step}: {note}", UserWarning, stacklevel=2)
+            if report.unchecked:
+                warnings.warn(f"bpkit GradientCheck at step {step}: {report.coverage}. Raise max_seconds (None: no "
+                              f"limit) or narrow params=... to check more", UserWarning, stacklevel=2)
         failed = not report.passed
         if failed:
             alert = _alert(report, step)
@@ -153,6 +248,25 @@ class GradientCheck(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
         self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+
+
+def _optimized(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
+    """Exact-name globs of the trainable tensors the optimizers update; ``None`` (all trainable) when none match.
+
+    A tensor no optimizer updates (a target network, a frozen teacher read through ``detach``) has no
+    gradient to check, and finite differences would see a dependence that autograd is told to ignore.
+    """
+    held = {id(p) for opt in getattr(trainer, "optimizers", []) or [] for g in opt.param_groups for p in g["params"]}
+    trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+    names = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in held]
+    if not names or len(names) == len(trainable):
+        return None
+    return [glob.escape(n) for n in names]
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _alert(report: GradcheckReport, step: int) -> Alert:

@@ -14,7 +14,8 @@ Example::
 
 from bpkit.gradcheck.check import MODES, check_gradients
 from bpkit.gradcheck.independence import check_batch_independence
-from bpkit.gradcheck.report import BatchIndependenceReport, GradcheckError, GradcheckReport, ParamCheck
+from bpkit.gradcheck.report import (BatchIndependenceReport, GradcheckError, GradcheckReport, GradcheckUnsupported,
+                                    ParamCheck)
 
-__all__ = ["MODES", "BatchIndependenceReport", "GradcheckError", "GradcheckReport", "ParamCheck",
-           "check_batch_independence", "check_gradients"]
+__all__ = ["MODES", "BatchIndependenceReport", "GradcheckError", "GradcheckReport", "GradcheckUnsupported",
+           "ParamCheck", "check_batch_independence", "check_gradients"]

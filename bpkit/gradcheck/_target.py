@@ -2,8 +2,11 @@
 
 Three kinds of input are accepted, recognised by duck typing (no Lightning import):
 
-- an object with ``training_step`` (a LightningModule): the loss is ``training_step(batch, batch_idx)``,
-  taken from a tensor, ``dict["loss"]`` or the first element of a tuple;
+- an object with ``training_step`` (a LightningModule): the loss is ``training_step(batch, batch_idx)``
+  (``training_step(batch)`` when it takes one argument), taken from a tensor, ``dict["loss"]`` or the first
+  element of a tuple; a truncated-BPTT module (``bpkit.tbptt.TBPTTModule``) is checked on its first chunk
+  that has a loss; other manual-optimization modules cannot be checked this way (their step runs the
+  optimizer);
 - an ``nn.Module`` with a ``loss_fn``: ``loss_fn(model(x), *rest)`` for a batch ``(x, *rest)``;
 - a plain callable: ``fn(*batch)``, checked with respect to its floating-point inputs.
 """
@@ -13,13 +16,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import inspect
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from bpkit.errors import BpkitConfigError
+from bpkit.gradcheck.report import GradcheckUnsupported
 
 # Hooks put on a model by monitors and loggers must not fire on the copy; the model's own hooks
 # (spectral_norm, old-style weight_norm, user code) are part of its function and are kept.
@@ -184,13 +191,67 @@ class Target:
         else:
             if loss_fn is not None and not callable(loss_fn):
                 raise BpkitConfigError("loss_fn", loss_fn, "a callable loss_fn(output, target)")
-            self.module = copy_module(obj, dtype)
+            self.tbptt: tuple[int, int, Any] | None = None
+            self.takes_batch_idx = True
+            if self.kind == "training_step":
+                if _is_tbptt(obj):
+                    self.what = f"{type(obj).__name__}.training_step (truncated BPTT)"
+                elif getattr(obj, "automatic_optimization", True) is False:
+                    raise GradcheckUnsupported(
+                        "manual optimization (automatic_optimization=False): training_step runs its own backward "
+                        "and optimizer steps and returns no loss, so calling it would step your optimizers",
+                        "bpkit.gradcheck.check_gradients(model.generator, (z, target), loss_fn=...) or "
+                        "bpkit.gradcheck.check_gradients(model.discriminator, (x, labels), "
+                        "loss_fn=torch.nn.functional.binary_cross_entropy_with_logits), a sub-module with its loss")
+                else:
+                    self.takes_batch_idx = _takes_batch_idx(obj.training_step)
+            if not any(p.requires_grad for p in obj.parameters()):
+                raise GradcheckUnsupported(
+                    "the model has no trainable parameters (every parameter has requires_grad=False)",
+                    "bpkit.gradcheck.check_gradients(fn, batch) checks a function with respect to the batch's "
+                    "floating-point tensors instead")
+            try:
+                self.module = copy_module(obj, dtype)
+            except Exception as exc:
+                raise GradcheckUnsupported(
+                    f"the module cannot be copied (copy.deepcopy raised {type(exc).__name__}: {exc}); the check "
+                    "never runs the training step on your own module, whose state it would change",
+                    "bpkit.gradcheck.check_gradients(model.net, (x, y), loss_fn=...) on the network, without what "
+                    "cannot be copied (an environment, a file handle)") from exc
             self.module.train(train)
             self.loss_fn = loss_fn
             self.batch_idx = batch_idx
             first = next(self.module.parameters(), None)
             self.batch = convert(batch, dtype, first.device if first is not None else None)
             self.named = _select([(n, p) for n, p in self.module.named_parameters() if p.requires_grad], params)
+            if self.kind == "training_step" and _is_tbptt(obj):
+                self._first_tbptt_chunk()
+
+    def _first_tbptt_chunk(self) -> None:
+        """Pick the first chunk whose step has a loss; the state entering it is computed once and then fixed.
+
+        The chunks before it only advance the (detached) hidden state, as in training, so that state is a
+        constant of the check: autograd does not differentiate through it and neither may the finite differences.
+        """
+        k1 = getattr(self.module, "truncated_bptt_steps", None)
+        try:
+            chunks = list(self.module.tbptt_split_batch(self.batch, k1)) if k1 is not None else [self.batch]
+        except Exception as exc:
+            raise BpkitConfigError("batch", self.batch_desc, f"a batch that {type(self.module).__name__}."
+                                   f"tbptt_split_batch splits; it raised {type(exc).__name__}: {exc}") from exc
+        hiddens: Any = None
+        for index, chunk in enumerate(chunks):
+            self.batch, self.tbptt = chunk, (index, len(chunks), hiddens)
+            if index == len(chunks) - 1:
+                return
+            with torch.no_grad():
+                self._seed()
+                _set_tbptt_position(self.module, index, len(chunks))
+                out = self.module.training_step(chunk, self.batch_idx, hiddens)
+            loss = _step_loss(out)
+            if loss is not None:
+                return
+            hiddens = _detach(out.get("hiddens") if isinstance(out, Mapping) else out[1])
 
     @property
     def device(self) -> torch.device:
@@ -198,7 +259,13 @@ class Target:
 
     def _call(self) -> Any:
         if self.kind == "training_step":
-            return _step_loss(self.module.training_step(self.batch, self.batch_idx))
+            if self.tbptt is not None:
+                index, count, hiddens = self.tbptt
+                _set_tbptt_position(self.module, index, count)
+                return _step_loss(self.module.training_step(self.batch, self.batch_idx, hiddens))
+            if self.takes_batch_idx:
+                return _step_loss(self.module.training_step(self.batch, self.batch_idx))
+            return _step_loss(self.module.training_step(self.batch))
         if self.kind == "function":
             b = self.batch
             if isinstance(b, Mapping):
@@ -232,9 +299,17 @@ class Target:
             total = term if total is None else total + term
         return total
 
+    def _seed(self) -> None:
+        """The same randomness in every evaluation: torch (CPU and initialised CUDA), Python and NumPy."""
+        torch.random.default_generator.manual_seed(self.seed)
+        if torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+
     def loss(self) -> torch.Tensor:
         """The loss at the current values of the checked tensors, with randomness re-seeded."""
-        torch.manual_seed(self.seed)
+        self._seed()
         with torch.autocast(self.device.type, enabled=False):
             out = self._call()
         return out
@@ -261,7 +336,46 @@ class Target:
 
 @contextlib.contextmanager
 def frozen_randomness() -> Iterator[None]:
-    """Fork the CPU and every CUDA RNG: the check re-seeds freely, the caller's streams are unchanged."""
+    """Fork the torch CPU and every CUDA RNG, Python's ``random`` and NumPy's global RNG.
+
+    The check re-seeds freely; the caller's streams are as they were afterwards, even on an exception.
+    """
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _is_tbptt(obj: Any) -> bool:
+    """A ``bpkit.tbptt.TBPTTModule`` (duck-typed: the engines do not import Lightning)."""
+    return callable(getattr(obj, "tbptt_split_batch", None)) and hasattr(obj, "truncated_bptt_steps")
+
+
+def _set_tbptt_position(module: nn.Module, index: int, count: int) -> None:
+    module.tbptt_split_idx, module.tbptt_num_splits, module.tbptt_recomputing = index, count, False
+
+
+def _detach(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach()
+    if isinstance(tree, Mapping):
+        return {k: _detach(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_detach(v) for v in tree)
+    return tree
+
+
+def _takes_batch_idx(step: Callable[..., Any]) -> bool:
+    """Lightning's rule: ``batch_idx`` is passed when the step names it or takes two or more positional arguments."""
+    try:
+        sig = inspect.signature(step)
+    except (TypeError, ValueError):
+        return True
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in sig.parameters.values() if p.kind in kinds]
+    return ("batch_idx" in sig.parameters or len(positional) >= 2
+            or any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()))

@@ -11,6 +11,25 @@ class GradcheckError(AssertionError):
     """Raised by :meth:`GradcheckReport.raise_if_failed` (and by ``GradientCheck(on_failure="raise")``)."""
 
 
+class GradcheckUnsupported(ValueError):
+    """The loss cannot be checked by finite differences as given; nothing is wrong with the gradient.
+
+    Raised by :func:`bpkit.gradcheck.check_gradients` for a loss that is not a deterministic function of the
+    weights (randomness the check cannot fix, an environment, a state that changes with every call), a
+    manual-optimization ``training_step`` (it would step the optimizers), a model without trainable
+    parameters, or one that cannot be copied. ``GradientCheck`` turns it into a warning and a skipped check.
+
+    Attributes:
+        reason: why, in plain words.
+        hint: how to check by hand instead.
+    """
+
+    def __init__(self, reason: str, hint: str) -> None:
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"{reason}. To check by hand: {hint}")
+
+
 @dataclass
 class ParamCheck:
     """The check of one parameter tensor (or one input tensor when a plain function is checked).
@@ -19,6 +38,10 @@ class ParamCheck:
     (directions or elements), so the tensor passes exactly when ``rel_error <= rtol``. The scale of a
     directional probe is the larger of the gradient's norm and the numeric slope; the scale of an
     element probe is the larger of the two values of that element.
+
+    ``inconclusive`` (float32 and lower only): the tensor did not pass, but finite differences at two step
+    sizes disagree with each other as much as with autograd, so round-off, not the backward, explains the
+    difference. It is not a failure (``passed`` stays ``False``; the report's ``failed`` leaves it out).
     """
 
     name: str
@@ -30,6 +53,7 @@ class ParamCheck:
     rel_error: float
     passed: bool
     reason: str
+    inconclusive: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -86,6 +110,10 @@ class GradcheckReport:
         evaluations: loss evaluations used (forward passes; the autograd pass counts as one).
         seconds: wall time of the check.
         batch_independence: the batch-independence result, when it was asked for.
+        unchecked: the selected tensors left out when ``max_seconds`` ran out (most informative first).
+        total_elements: elements of all selected tensors, checked or not.
+        max_seconds: the time budget the check ran under (``None``: none).
+        notes: remarks on how the check ran (a float32 fallback, the TBPTT chunk checked).
 
     Example::
 
@@ -107,16 +135,53 @@ class GradcheckReport:
     seconds: float
     params: list[ParamCheck] = field(default_factory=list)
     batch_independence: BatchIndependenceReport | None = None
+    unchecked: list[str] = field(default_factory=list)
+    total_elements: int | None = None
+    max_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        ok = all(p.passed for p in self.params)
+        ok = all(p.passed or p.inconclusive for p in self.params)
         return ok and (self.batch_independence is None or self.batch_independence.passed)
 
     @property
     def failed(self) -> list[str]:
-        """Names of the tensors whose gradient is wrong."""
-        return [p.name for p in self.params if not p.passed]
+        """Names of the tensors whose gradient is wrong (inconclusive ones are not)."""
+        return [p.name for p in self.params if not p.passed and not p.inconclusive]
+
+    @property
+    def inconclusive(self) -> list[str]:
+        """Names of the tensors whose check could not decide in this dtype (see :class:`ParamCheck`)."""
+        return [p.name for p in self.params if p.inconclusive]
+
+    @property
+    def checked_tensors(self) -> int:
+        return len(self.params)
+
+    @property
+    def total_tensors(self) -> int:
+        return len(self.params) + len(self.unchecked)
+
+    @property
+    def checked_elements(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every selected tensor was checked (``max_seconds`` did not cut the check short)."""
+        return not self.unchecked
+
+    @property
+    def coverage(self) -> str:
+        """``checked 12 of 89 tensors (3.1 M of 25 M elements) in 5.0 s``, plus what was left out."""
+        total = self.total_elements if self.total_elements is not None else self.checked_elements
+        text = (f"checked {self.checked_tensors} of {self.total_tensors} tensors ({_count(self.checked_elements)} of "
+                f"{_count(total)} elements) in {self.seconds:.1f} s")
+        if self.unchecked:
+            text += (f"; the rest were not checked (max_seconds={self.max_seconds:g}): "
+                     + ", ".join(self.unchecked[:5]) + (", ..." if len(self.unchecked) > 5 else ""))
+        return text
 
     @property
     def suspect(self) -> str | None:
@@ -148,18 +213,28 @@ class GradcheckReport:
             "max_rel_error": self.max_rel_error, "failed": self.failed, "suspect": self.suspect,
             "params": [p.to_dict() for p in self.params],
             "batch_independence": None if self.batch_independence is None else self.batch_independence.to_dict(),
+            "inconclusive": self.inconclusive, "checked_tensors": self.checked_tensors,
+            "total_tensors": self.total_tensors, "checked_elements": self.checked_elements,
+            "total_elements": self.total_elements, "unchecked": list(self.unchecked),
+            "max_seconds": self.max_seconds, "coverage": self.coverage, "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
         n_failed = len(self.failed)
         verdict = "passed" if n_failed == 0 else f"FAILED for {n_failed} of {len(self.params)} tensors"
+        if self.inconclusive:
+            verdict += f" ({len(self.inconclusive)} inconclusive in {self.dtype})"
         lines = [f"gradient check {verdict}: mode={self.mode} eps={self.eps:g} rtol={self.rtol:g} "
                  f"atol={self.atol:g} {self.dtype}, loss {self.loss:.6g}, {self.evaluations} evaluations, "
                  f"{self.seconds:.2f} s"]
+        if self.unchecked:
+            lines.append(self.coverage)
+        lines.extend(self.notes)
         rows = [("parameter", "shape", "probes", "grad norm", "rel. error", "result", "reason")]
         for p in self.params:
+            result = "ok" if p.passed else ("inconclusive" if p.inconclusive else "FAIL")
             rows.append((p.name, "x".join(map(str, p.shape)) or "scalar", str(p.probes), f"{p.grad_norm:.3g}",
-                         f"{p.rel_error:.2e}", "ok" if p.passed else "FAIL", "" if p.passed else p.reason))
+                         f"{p.rel_error:.2e}", result, "" if p.passed else p.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + ("  " + r[6] if r[6] else ""))
@@ -169,3 +244,11 @@ class GradcheckReport:
         if self.batch_independence is not None:
             lines.append(str(self.batch_independence))
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    """``3.1 M``, ``25 k``, ``812``: an element count for a one-line summary."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2g} {unit}" if n < 10 * size else f"{n / size:.0f} {unit}"
+    return str(n)
