@@ -229,8 +229,8 @@ def test_bad_input_fails_with_a_clear_message_naming_the_path(tmp_path, capsys):
     assert report_main([str(not_a_run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bpkit-report: error: run_dir=") and str(not_a_run) in err
-    with pytest.raises(BpkitConfigError, match="log_every_n_steps=0 is invalid: expected an integer >= 1"):
-        RunRecord(log_every_n_steps=0)
+    with pytest.raises(BpkitConfigError, match="log_every_n_steps=-1 is invalid: expected an integer >= 0"):
+        RunRecord(log_every_n_steps=-1)
 
 
 # ------------------------------------------------------------------ the record, through the sink
@@ -325,11 +325,14 @@ def test_run_record_logs_loss_and_lr_with_no_host_read_off_the_log_steps(tmp_pat
     trainer.callbacks.append(Spy())
     with HostReadCounter() as reads:
         trainer.fit(_Tiny(), train_dataloaders=_tiny_loader())
-    # two log steps (5, 10): one packed copy each, nothing on the other ten steps
-    assert reads.count == 2 and all("stats/readback.py" in s for s in reads.sites), reads.sites
+    # two log batches (Lightning's rule: steps 4 and 9, where Lightning logs their train/loss): one packed copy
+    # each, nothing on the other ten steps, and one at the end of training (the returned losses of steps 10-11)
+    assert reads.count == 3 and all("stats/readback.py" in s for s in reads.sites), reads.sites
     run = read_run(tmp_path)
     steps, loss = run.series("train/loss")
-    assert steps.tolist() == [5, 10] and np.allclose(loss, [losses[5], losses[10]])
+    # the batch of step s ends with global_step s + 1 (the Spy's key)
+    assert steps.tolist() == [4, 9] and np.allclose(loss, [losses[5], losses[10]])
+    assert np.allclose(run.series("loss/train_returned")[1], loss)  # the same loss, returned by training_step
     lr_steps, lr = run.series("lr/group0")
     assert np.allclose(lr, [0.1 * 0.5 ** (s // 4) for s in lr_steps])  # StepLR by hand
     assert run.meta["status"] == "finished" and run.meta["activations"] == ["Tanh"] and run.meta["num_params"] == 49

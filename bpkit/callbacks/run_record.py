@@ -4,8 +4,11 @@ record, so ``bpkit-report`` can draw loss and LR curves and tell whether the run
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import warnings
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,7 +16,9 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from typing_extensions import override
 
+from bpkit.alert import Alert
 from bpkit.callbacks import _sink
+from bpkit.callbacks._cadence import batch_step, interval, is_log_batch
 from bpkit.callbacks._checks import check_bool
 from bpkit.errors import check_int
 from bpkit.stats.readback import readback
@@ -26,26 +31,46 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+LOSS_KEY = "loss/train_returned"
+"""Record key of the loss ``training_step`` returned (``outputs["loss"]``), written at the log steps."""
+LAST_STEPS = 16
+"""How many of the last optimizer steps' returned losses RunRecord keeps on the device for a crash report."""
+
+
 class RunRecord(Callback):
     r"""Append the training loss, the learning rate of every parameter group, validation metrics and the
     run's start and end (``finished``, ``crashed`` or ``interrupted``) to the local run record
     (``<log dir>/bpkit_record.jsonl``) that ``bpkit-report`` reads.
 
-    At the log cadence it copies the ``train/*`` values Lightning already holds in
-    ``trainer.callback_metrics`` (one packed device-to-host copy; the record only, since Lightning logs
-    them itself; under DDP their mean over the ranks, one packed all-reduce per log step) and the learning rates (``lr/group<j>``, ``lr/opt<i>/group<j>`` with several optimizers;
-    to every logger, making a W&B ``lr/`` panel). Steps that do not log read nothing from the device.
+    At the log cadence (Lightning's: the batch of step ``s`` logs when ``(s + 1) % log_every_n_steps == 0``,
+    at step ``s``, the step of that batch's ``train/loss``) it copies the training values Lightning already
+    holds in ``trainer.callback_metrics`` (every name the module logged, e.g. ``train/loss``, ``train_loss``,
+    ``d_loss``; one packed device-to-host copy; the record only, since Lightning logs them itself; under DDP
+    their mean over the ranks, one packed all-reduce per log step), the loss ``training_step`` returned
+    (``loss/train_returned``, so a module that only returns its loss still gets a loss curve) and the
+    learning rates (``lr/group<j>``, ``lr/opt<i>/group<j>`` with several optimizers; to every logger, making a
+    W&B ``lr/`` panel). Steps that do not log read nothing from the device: the returned losses stay there
+    (the last 16 steps, and their running sum). At each log step, at the end of training and on an exception
+    the sum is checked: a non-finite returned loss raises a ``nonfinite`` alert (``where="loss"``), kept in
+    :attr:`alerts`, warned and recorded. When training raises, the returned losses of the steps since the last
+    log step and the learning rates are written (a ``last_steps`` entry) before the end entry, so the report
+    of a run that crashed before its first log step still says what the last steps looked like.
+
     At the end of fit it draws the gradient-flow heatmap (when a ``GradientMonitor`` logged gradient
     norms), logs it as an image (W&B, TensorBoard) under ``report/gradient_flow``, and sends every
     finding of the run's diagnosis with ``wandb.alert`` when the W&B run is online (never offline).
 
     Args:
-        log_every_n_steps: cadence in optimizer steps (default: the Trainer's ``log_every_n_steps``).
+        log_every_n_steps: cadence in optimizer steps (default: the Trainer's ``log_every_n_steps``); 0 logs
+            nothing periodically (the start and end entries, alerts and a crash's last steps are still written).
         gradient_flow_image: draw and log the gradient-flow heatmap at the end of fit.
         wandb_alerts: send the findings with ``wandb.alert`` when a W&B logger is online.
 
+    Attributes:
+        alerts: the :class:`bpkit.Alert` s this callback raised (a non-finite returned loss); saved in checkpoints.
+
     Raises:
-        BpkitConfigError: for a ``log_every_n_steps`` below 1.
+        BpkitConfigError: for a ``log_every_n_steps`` that is not an integer >= 0.
 
     Example::
 
@@ -59,37 +84,90 @@ class RunRecord(Callback):
                  wandb_alerts: bool = True) -> None:
         super().__init__()
         if log_every_n_steps is not None:
-            check_int("log_every_n_steps", log_every_n_steps, 1)
+            check_int("log_every_n_steps", log_every_n_steps, 0)
         self.log_every_n_steps = log_every_n_steps
         self.gradient_flow_image = check_bool("gradient_flow_image", gradient_flow_image)
         self.wandb_alerts = check_bool("wandb_alerts", wandb_alerts)
         self.alerts_sent: list[str] = []
+        self.alerts: list[Alert] = []
         self._last_step = -1
         self._ended = False
+        self._started = False
+        self._loss_bad = False  # the last drained interval had a non-finite returned loss (alert on the change)
+        self._cached_every: int | None = None
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        self._window: torch.Tensor | None = None  # the returned losses of the current accumulation window, summed
+        self._recent: deque[tuple[int, torch.Tensor]] = deque(maxlen=LAST_STEPS)  # (step, loss), on the device
+        self._sum: torch.Tensor | None = None  # sum of the returned losses since the last read: non-finite if one was
+        self._first_unread = -1  # the first step summed into _sum
+        self._read_upto = -1  # the last step whose returned loss was read back
 
     # ------------------------------------------------------------------ start
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ended = False
-        model = getattr(pl_module, "model", pl_module)
-        acts = sorted({type(m).__name__ for m in pl_module.modules() if isinstance(m, _ACTIVATIONS)})
-        optimizers = [type(o).__name__ for o in trainer.optimizers]
-        _sink.log_record(trainer, "run", trainer.global_step, {
-            "event": "start", "status": "running", "start_time": _now(), "model": type(model).__name__,
-            "num_params": int(sum(p.numel() for p in pl_module.parameters())), "activations": acts,
-            "optimizers": optimizers, "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
-            "log_every_n_steps": self._every(trainer), "resumed_at_step": trainer.global_step,
-            "versions": {"torch": torch.__version__, "lightning": pl.__version__}})
+        self._started = False
+        self._cached_every = None
+        self._reset_buffers()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not in on_fit_start: Lightning 2.x restores a checkpoint (and the global step) after on_fit_start
+        self._write_start(trainer, pl_module)
+
+    def _write_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> None:
+        if self._started:
+            return
+        self._started = True
+        data: dict[str, Any] = {"event": "start", "status": "running", "start_time": _now(),
+                                "log_every_n_steps": self._every(trainer), "resumed_at_step": int(trainer.global_step),
+                                "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+                                "versions": {"torch": torch.__version__, "lightning": pl.__version__}}
+        try:
+            if pl_module is not None:
+                model = getattr(pl_module, "model", pl_module)
+                data["model"] = type(model).__name__
+                data["num_params"] = int(sum(p.numel() for p in pl_module.parameters()))
+                data["activations"] = sorted({type(m).__name__ for m in pl_module.modules()
+                                              if isinstance(m, _ACTIVATIONS)})
+            data["optimizers"] = [type(o).__name__ for o in trainer.optimizers]
+        except Exception:  # a crash before setup finished: the start entry still goes out
+            pass
+        _sink.log_record(trainer, "run", trainer.global_step, data)
 
     def _every(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or int(trainer.log_every_n_steps) or 50
+        if self._cached_every is None:
+            self._cached_every = interval(trainer, self.log_every_n_steps, "bpkit RunRecord")
+        return self._cached_every
 
     # ------------------------------------------------------------------ the cadence
+    @staticmethod
+    def _returned(outputs: Any) -> torch.Tensor | None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+            return loss.detach().reshape(())
+        return None
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_step or step == 0 or step % self._every(trainer):
+        step = batch_step(trainer)
+        loss = self._returned(outputs)
+        if loss is not None:  # under accumulation each micro-batch returns loss / accumulate_grad_batches
+            self._window = loss if self._window is None else self._window + loss
+        should_accumulate = getattr(trainer.fit_loop, "_should_accumulate", None)
+        if pl_module.automatic_optimization and callable(should_accumulate) and should_accumulate():
+            return  # the window's last micro-batch logs (Lightning logs train/* only then too)
+        window, self._window = self._window, None
+        if window is not None:
+            self._recent.append((step, window))
+            if self._sum is None:
+                self._sum, self._first_unread = window.float(), step
+            else:
+                self._sum = self._sum + window
+        if step == self._last_step or not is_log_batch(trainer, self._every(trainer)):
             return
         self._last_step = step
         train = {}
@@ -99,20 +177,29 @@ class RunRecord(Callback):
             name = key[:-5] if key.endswith("_step") else key
             if name not in train or key.endswith("_step"):
                 train[name] = value
+        if window is not None:
+            train[LOSS_KEY] = window
         if trainer.world_size > 1 and train:
             train = self._mean_over_ranks(trainer, train)
-        lrs: dict[str, Any] = {}
-        multi = len(trainer.optimizers) > 1
-        for i, opt in enumerate(trainer.optimizers):
-            for j, group in enumerate(opt.param_groups):
-                lrs[f"lr/{f'opt{i}/' if multi else ''}group{j}"] = group["lr"]
-        host = self._read({**{f"m:{k}": v for k, v in train.items()}, **{f"l:{k}": v for k, v in lrs.items()}})
+        lrs = self._lrs(trainer)
+        host = self._read({**{f"m:{k}": v for k, v in train.items()}, **{f"l:{k}": v for k, v in lrs.items()},
+                           **self._pending()})
         metrics = {k[2:]: v for k, v in host.items() if k.startswith("m:")}
         if metrics:
             _sink.log_record(trainer, "scalars", step, metrics)
         lr_values = {k[2:]: v for k, v in host.items() if k.startswith("l:")}
         if lr_values:
             _sink.log_scalars(trainer, lr_values, step)
+        self._check(trainer, host)
+
+    @staticmethod
+    def _lrs(trainer: pl.Trainer) -> dict[str, Any]:
+        lrs: dict[str, Any] = {}
+        multi = len(trainer.optimizers) > 1
+        for i, opt in enumerate(trainer.optimizers):
+            for j, group in enumerate(opt.param_groups):
+                lrs[f"lr/{f'opt{i}/' if multi else ''}group{j}"] = group["lr"]
+        return lrs
 
     @staticmethod
     def _mean_over_ranks(trainer: pl.Trainer, train: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +221,49 @@ class RunRecord(Callback):
             out.update({k: float(v) for k, v in readback(tensors).items()})
         return out
 
+    # ------------------------------------------------------------------ the buffered returned losses
+    def _pending(self) -> dict[str, torch.Tensor]:
+        """The device values not read yet: the running sum and the recent losses (``s:sum``, ``r:<step>``)."""
+        out: dict[str, torch.Tensor] = {}
+        if self._sum is not None:
+            out["s:sum"] = self._sum
+        for s, t in self._recent:
+            if s > self._read_upto:
+                out[f"r:{s}"] = t
+        return out
+
+    def _check(self, trainer: pl.Trainer, host: dict[str, float]) -> dict[int, float]:
+        """After a read: alert on a non-finite returned loss (once per bad stretch); returns ``{step: loss}``."""
+        recent = {int(k[2:]): v for k, v in host.items() if k.startswith("r:")}
+        if "s:sum" in host:
+            bad = not math.isfinite(host["s:sum"])
+            first, last = self._first_unread, max(recent) if recent else self._first_unread
+            if bad and not self._loss_bad:
+                at = next((s for s in sorted(recent) if not math.isfinite(recent[s])), None)
+                value = recent[at] if at is not None else host["s:sum"]
+                when = f"at step {at}" if at is not None else f"between steps {first} and {last}"
+                alert = Alert("nonfinite", at if at is not None else first, "loss", float(value), 0.0,
+                              f"the loss training_step returned is {value} {when}: NaN/Inf loss. Lower the learning "
+                              f"rate, check the loss for log(0) or a division by zero, or clip gradients.")
+                self.alerts.append(alert)
+                _sink.log_alert(trainer, alert)
+            self._loss_bad = bad
+        self._sum = None
+        if recent:
+            self._read_upto = max(self._read_upto, max(recent))
+        return recent
+
+    def _drain(self, trainer: pl.Trainer) -> dict[int, float]:
+        """Read what is buffered (one packed copy), check it, return the unread returned losses by step."""
+        pending = self._pending()
+        if not pending:
+            return {}
+        return self._check(trainer, self._read(pending))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drain(trainer)  # a NaN after the last log step (or with log_every_n_steps=0) still alerts
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -147,8 +277,8 @@ class RunRecord(Callback):
     def _log_eval(self, trainer: pl.Trainer, prefixes: tuple[str, ...]) -> None:
         values = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
         host = self._read(values)
-        if host:
-            _sink.log_record(trainer, "scalars", trainer.global_step, host)
+        if host:  # at the step Lightning logs them (the step of the last training batch's train/* metrics)
+            _sink.log_record(trainer, "scalars", batch_step(trainer), host)
 
     # ------------------------------------------------------------------ the end
     @override
@@ -165,7 +295,30 @@ class RunRecord(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "crashed"
-        self._end(trainer, status, f"{type(exception).__name__}: {exception}")
+        error = f"{type(exception).__name__}: {exception}"
+        if not self._ended:
+            try:
+                self._write_start(trainer, pl_module)  # a crash before on_train_start: the record still has one
+                self._write_last_steps(trainer, error)
+            except Exception as exc:  # a broken device must not hide the end entry (nor the real exception)
+                warnings.warn(f"bpkit RunRecord: could not write the last steps before the crash: {exc!r}",
+                              RuntimeWarning, stacklevel=2)
+        self._end(trainer, status, error)
+
+    def _write_last_steps(self, trainer: pl.Trainer, error: str) -> None:
+        """The returned losses of the steps since the last log step and the learning rates, as a ``last_steps``
+        entry (the format GradientMonitor uses too: ``steps``, ``loss``, ``nonfinite``, ``exception``)."""
+        lrs = self._lrs(trainer)
+        host = self._read({**{f"l:{k}": v for k, v in lrs.items()}, **self._pending()})
+        recent = self._check(trainer, host)
+        steps = sorted(s for s in recent if s > self._last_step)
+        if not steps and not lrs:
+            return
+        data: dict[str, Any] = {
+            "steps": steps, "loss": [_json_float(recent[s]) for s in steps],
+            "nonfinite": [not math.isfinite(recent[s]) for s in steps], "exception": error[:2000],
+            "lr": {k[2:]: _json_float(v) for k, v in host.items() if k.startswith("l:")}, "source": "RunRecord"}
+        _sink.log_record(trainer, "last_steps", batch_step(trainer), data)
 
     def _end(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
         if self._ended:
@@ -217,8 +370,18 @@ class RunRecord(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step}
+        return {"last_step": self._last_step, "alerts": [a.to_dict() for a in self.alerts], "loss_bad": self._loss_bad}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
+        self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+        self._loss_bad = bool(state_dict.get("loss_bad", False))
+
+
+def _json_float(v: Any) -> float | None:
+    """A float for the record; ``None`` where there is no number."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None

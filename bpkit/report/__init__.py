@@ -9,9 +9,9 @@ Example::
         print(finding.text())
 """
 
-from bpkit.report.findings import NO_PROBLEMS, Finding, diagnose, summary_line
+from bpkit.report.findings import NO_PROBLEMS, NO_STATISTICS, Finding, diagnose, summary_line, train_loss_keys
 from bpkit.report.record import RunData, find_record, read_run
 from bpkit.report.write import REPORT_NAME, is_multirun, write_multirun_report, write_report
 
-__all__ = ["NO_PROBLEMS", "REPORT_NAME", "Finding", "RunData", "diagnose", "find_record", "is_multirun", "read_run",
-           "summary_line", "write_multirun_report", "write_report"]
+__all__ = ["NO_PROBLEMS", "NO_STATISTICS", "REPORT_NAME", "Finding", "RunData", "diagnose", "find_record",
+           "is_multirun", "read_run", "summary_line", "train_loss_keys", "write_multirun_report", "write_report"]

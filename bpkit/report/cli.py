@@ -12,7 +12,9 @@ from bpkit.errors import BpkitConfigError
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bpkit-report`` console script.
 
-    Exit status: 0 on success, 2 for a path that is no run (or an empty run), with the reason on stderr.
+    Exit status: 0 on success (malformed lines of the record are skipped and counted in the report), 2 for a path
+    that is no run (a missing path, a directory named like the record, an unreadable or empty record), with the
+    reason on stderr; 1 with one line on stderr if writing the report fails for any other reason.
 
     Example::
 
@@ -38,14 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_multirun(args.run_dir):
             print(path)
         else:
-            findings = diagnose(read_run(args.run_dir))
-            print(f"{path}: {summary_line(findings)}")
+            run = read_run(args.run_dir)
+            findings = diagnose(run)
+            print(f"{path}: {summary_line(findings, run)}")
             if args.show:
                 for f in findings:
                     print(f.text())
     except BpkitConfigError as err:
         print(f"bpkit-report: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a report that cannot be drawn: one line, not a traceback
+        print(f"bpkit-report: error: could not write the report of {args.run_dir}: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

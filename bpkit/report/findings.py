@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +19,9 @@ TITLES = {
     "vanishing": "Vanishing gradients",
     "dead": "Dead units",
     "saturated": "Saturated units",
+    "unused": "Unused parameters",
     "spike": "Loss or gradient-norm spikes",
+    "clipping": "Gradient clipping acts on most steps",
     "stalled": "The loss is not going down",
 }
 ORDER = list(TITLES)  # most urgent first
@@ -55,6 +58,66 @@ class Finding:
         lines += [f"  - {e}" for e in self.evidence]
         lines += [f"  {i}. {r}" for i, r in enumerate(self.remedies, 1)]
         return "\n".join(lines)
+
+
+RETURNED_LOSS = "loss/train_returned"  # bpkit.callbacks.run_record.LOSS_KEY: the loss training_step returned
+_STAT_PREFIXES = ("grad/", "weight/", "update/", "act/", "act_grad/", "clip/", "lr/", "curv/", "noise/", "temporal/",
+                  "report/")
+_VAL_WORDS = ("val", "valid", "validation", "eval")
+
+
+def _tokens(key: str) -> list[str]:
+    return [t for t in re.split(r"[/_.\-\s]+", key.lower()) if t]
+
+
+def _is_loss(key: str) -> bool:
+    return "loss" in _tokens(key) and not key.startswith(_STAT_PREFIXES)
+
+
+def train_loss_keys(run: RunData) -> list[str]:
+    """The training-loss series the report draws and judges, best first: ``train/loss`` when it was logged; else
+    every other logged name that looks like a training loss (``train_loss``, ``loss``, ``d_loss``/``g_loss``,
+    ...: a ``loss`` word, not a validation or test metric); else the loss ``training_step`` returned
+    (``loss/train_returned``, written by RunRecord). Empty when the run recorded no loss."""
+    if len(run.series("train/loss")[1]):
+        return ["train/loss"]
+    logged = [k for k in run.scalars if k != RETURNED_LOSS and _is_loss(k) and _tokens(k)[0] not in _VAL_WORDS
+              and _tokens(k)[0] != "test" and len(run.series(k)[1])]
+    if logged:
+        return logged
+    return [RETURNED_LOSS] if len(run.series(RETURNED_LOSS)[1]) else []
+
+
+def val_loss_keys(run: RunData) -> list[str]:
+    """Validation losses (``val/loss``, ``val_loss``, ``valid_loss``, ...), drawn as a second curve."""
+    return [k for k in run.scalars if _is_loss(k) and _tokens(k)[0] in _VAL_WORDS and len(run.series(k)[1])]
+
+
+STAT_PREFIXES = ("grad/", "act/", "weight/", "update/", "act_grad/")
+
+
+def has_statistics(run: RunData) -> bool:
+    """Did any monitor record gradient or activation statistics (scalars or histograms)?"""
+    return bool(run.histograms) or any(k.startswith(STAT_PREFIXES) for k in run.scalars)
+
+
+def no_statistics_note(run: RunData) -> str | None:
+    """The plain sentence that replaces "No problems found" when the record holds no statistics; ``None`` when it
+    holds some."""
+    if has_statistics(run):
+        return None
+    every = run.meta.get("log_every_n_steps")
+    steps = [int(s[-1]) for s, _ in run.scalars.values() if len(s)]
+    end = run.meta.get("end_step")
+    last = max(steps + ([end] if isinstance(end, int) and not isinstance(end, bool) else []), default=None)
+    if every == 0:
+        why = "log_every_n_steps=0: no periodic logging"
+    elif isinstance(every, int) and not isinstance(every, bool) and every > 0 and (last is None or last + 1 < every):
+        why = f"the run ended before its first log step (log_every_n_steps={every})"
+    else:
+        why = "log_every_n_steps=0 / the run ended before its first log step / no GradientMonitor or " \
+              "ActivationMonitor among the callbacks"
+    return f"bpkit saw no gradient or activation statistics ({why}); no problems can be ruled out."
 
 
 def _split_names(where: str) -> list[str]:
@@ -109,7 +172,7 @@ def _is_rnn(run: RunData) -> bool:
 
 
 def _steps(alerts: list[dict[str, Any]]) -> tuple[int, int]:
-    s = [int(a.get("step", 0)) for a in alerts]
+    s = [_int(a.get("step", 0), 0) for a in alerts]
     return min(s), max(s)
 
 
@@ -211,19 +274,23 @@ def _exploding(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
 
 def _nonfinite(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     order = _layer_order(run)
-    names = [n for n in _ordered_union(alerts, order) if n not in ("total gradient norm", "train/loss")]
+    loss_names = {"total gradient norm", "total", "loss", *train_loss_keys(run), RETURNED_LOSS}
+    names = [n for n in _ordered_union(alerts, order) if n not in loss_names]
     first, last = _steps(alerts) if alerts else (-1, -1)
     where = f" in {describe_layers(names, order)}" if names else ""
     summary = f"gradients or the loss became NaN/Inf{where}, first at step {first}."
     evidence = [f"{len(alerts)} non-finite alert(s) between steps {first} and {last}"] if alerts else []
-    loss_steps, loss = run.series("train/loss")
-    bad = ~np.isfinite(loss)
-    if bad.any():
-        evidence.append(f"train/loss is non-finite at {int(bad.sum())} of {len(loss)} logged steps, first at step "
-                        f"{int(loss_steps[bad][0])}")
-        if not alerts:
-            first = last = int(loss_steps[bad][0])
-            summary = f"the training loss became NaN/Inf at step {first}."
+    decided = bool(alerts)
+    for key in _loss_keys_checked(run):
+        loss_steps, loss = run.series(key)
+        bad = ~np.isfinite(loss)
+        if bad.any():
+            evidence.append(f"{key} is non-finite at {int(bad.sum())} of {len(loss)} logged steps, first at step "
+                            f"{int(loss_steps[bad][0])}")
+            if not decided:  # no alert: the first series found decides the summary
+                decided, first = True, int(loss_steps[bad][0])
+                last = first
+                summary = f"the training loss ({key}) became NaN/Inf at step {first}."
     skipped = run.last("grad/skipped_steps")
     if skipped:
         evidence.append(f"GradientMonitor skipped {int(skipped)} update(s) with non-finite gradients")
@@ -279,7 +346,7 @@ def _gradcheck(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     evidence = []
     for step, rep in run.gradchecks:
         for p in rep.get("params", []):
-            if not p.get("passed", True):
+            if not p.get("passed", True) and not p.get("inconclusive"):  # float32 noise is not a failure
                 failed.append(p.get("name", "?"))
                 evidence.append(f"step {step}: {p.get('name')} relative error {_fmt(_float(p.get('rel_error')))} "
                                 f"(rtol {_fmt(_float(rep.get('rtol')))}){': ' + p['reason'] if p.get('reason') else ''}")
@@ -303,17 +370,79 @@ def _gradcheck(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     return Finding("gradcheck", TITLES["gradcheck"], summary, evidence, remedies, failed, steps)
 
 
+def _loss_keys_checked(run: RunData) -> list[str]:
+    """The chosen training-loss series and the returned loss: a NaN in any of them is a NaN loss."""
+    keys = train_loss_keys(run)
+    return keys + ([RETURNED_LOSS] if RETURNED_LOSS not in keys and len(run.series(RETURNED_LOSS)[1]) else [])
+
+
+def _int(v: Any, default: int = -1) -> int:
+    if isinstance(v, bool):
+        return default
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return int(f) if math.isfinite(f) else default
+
+
+def last_steps_table(run: RunData, end: int | None = None, n: int = 8) -> list[dict[str, Any]]:
+    """What the last steps before the end looked like: ``[{"step", "loss", "grad_norm_total", "nonfinite", "lr"}]``
+    from the ``last_steps`` entries written on an exception, else from the last logged values (at most ``n``)."""
+    rows: dict[int, dict[str, Any]] = {s: dict(r) for s, r in run.last_steps.items()}
+    if not rows:
+        keys = _loss_keys_checked(run)[:1] + ["grad/norm_total"]
+        for key in keys:
+            steps, values = run.series(key)
+            for s, v in zip(steps.tolist(), values.tolist()):
+                if end is None or s <= end:
+                    rows.setdefault(int(s), {})["grad_norm_total" if key == "grad/norm_total" else "loss"] = v
+    lr_keys = run.keys("lr/")
+    if lr_keys:
+        steps, values = run.series(lr_keys[0])
+        for s in rows:
+            before = values[steps <= s]
+            if len(before):
+                rows[s].setdefault("lr", float(before[-1]))
+    return [{"step": s, **rows[s]} for s in sorted(rows)[-n:]]
+
+
+def _describe_row(row: dict[str, Any]) -> str:
+    parts = []
+    if row.get("loss") is not None:
+        parts.append(f"loss {_fmt(_float(row['loss']))}")
+    if row.get("grad_norm_total") is not None:
+        parts.append(f"grad norm {_fmt(_float(row['grad_norm_total']))}")
+    if row.get("nonfinite"):
+        parts.append("non-finite gradients")
+    return f"step {row['step']}: " + (", ".join(parts) or "nothing recorded")
+
+
 def _crashed(run: RunData) -> Finding:
-    error = str(run.meta.get("error") or "unknown error")
-    step = int(run.meta.get("end_step", run.meta.get("step", -1)) or -1)
-    summary = f"training stopped with an error at step {step}: {error[:300]}"
-    return Finding("crashed", TITLES["crashed"], summary, [f"end status written by RunRecord: crashed at step {step}"],
-                   ["Read the traceback in the run's log (train.log / the console).",
-                    "Resume from the last checkpoint once fixed (ckpt_path='last')."], [], (step, step))
+    error = str(run.meta.get("error") or run.last_steps_error or "unknown error")
+    step = _int(run.meta.get("end_step", run.meta.get("step", -1)))
+    rows = last_steps_table(run, end=step if step >= 0 else None)
+    summary = f"the run stopped with {error[:300]} at step {step}"
+    if rows:
+        summary += "; the last steps: " + "; ".join(_describe_row(r) for r in rows[-3:])
+    summary += "."
+    evidence = [f"end status written by RunRecord: crashed at step {step}"] if run.meta.get("status") == "crashed" \
+        else ["no end entry: the record's last_steps entry names the exception"]
+    source = "buffered since the last log step, written on the exception" if run.last_steps else "last logged values"
+    evidence += [_describe_row(r) + (f", lr {_fmt(_float(r['lr']))}" if r.get("lr") is not None else "")
+                 + f" ({source})" for r in rows]
+    remedies = ["Read the traceback in the run's log (train.log / the console)."]
+    losses = [_float(r.get("loss")) for r in rows if r.get("loss") is not None]
+    nonfinite = any(r.get("nonfinite") for r in rows) or re.search(r"\b(nan|inf|infinity)\b", error.lower())
+    if any(not math.isfinite(v) for v in losses) or nonfinite:
+        remedies.append("The loss or the gradients became NaN/Inf before the crash: lower the learning rate, clip "
+                        "gradients, and check the loss for log(0) or a division by zero.")
+    remedies.append("Resume from the last checkpoint once fixed (ckpt_path='last').")
+    return Finding("crashed", TITLES["crashed"], summary, evidence, remedies, [], (step, step))
 
 
-def _stalled(run: RunData) -> Finding | None:
-    steps, loss = run.series("train/loss")
+def _stalled_one(run: RunData, key: str) -> tuple[float, float, int, np.ndarray] | None:
+    steps, loss = run.series(key)
     ok = np.isfinite(loss)
     steps, loss = steps[ok], loss[ok]
     if len(loss) < 8:
@@ -322,20 +451,93 @@ def _stalled(run: RunData) -> Finding | None:
     head, tail = float(np.mean(loss[:q])), float(np.mean(loss[-q:]))
     if not (tail > 0.97 * head):
         return None
+    return head, tail, q, steps
+
+
+def _stalled(run: RunData) -> Finding | None:
+    """The loss is not going down: judged on the chosen training-loss series; with several (a GAN's ``d_loss`` and
+    ``g_loss``) only when none of them goes down."""
+    keys = train_loss_keys(run)
+    found = [(k, _stalled_one(run, k)) for k in keys]
+    if not found or any(r is None for _, r in found):
+        return None
+    key, (head, tail, q, steps) = found[0]
     trend = "grew" if tail > 2 * head else "went"
-    summary = (f"the training loss {trend} from {head:.4g} (first logs) to {tail:.4g} (last logs) over "
+    name = "the training loss" if key == "train/loss" else f"the training loss ({', '.join(keys)})"
+    summary = (f"{name} {trend} from {head:.4g} (first logs) to {tail:.4g} (last logs) over "
                f"{int(steps[-1] - steps[0])} steps: the model is not learning.")
-    evidence = [f"mean train/loss of the first {q} logs {head:.4g}, of the last {q} logs {tail:.4g}"]
+    evidence = [f"mean {k} of the first {r[2]} logs {r[0]:.4g}, of the last {r[2]} logs {r[1]:.4g}" for k, r in found]
     remedies = ["Find a working learning rate with the LR range test (bpkit-train lr_find=true).",
                 "If the gradients vanish (see above), fix that first.",
                 "Use momentum or Adam, and a schedule with warm-up."]
     return Finding("stalled", TITLES["stalled"], summary, evidence, remedies, [], (int(steps[0]), int(steps[-1])))
 
 
+def _unused(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    names = _ordered_union(alerts, _layer_order(run))
+    first, last = _steps(alerts)
+    listing = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    summary = (f"{len(names)} parameter(s) got an exactly zero gradient on every step because their input is all "
+               f"zeros: they are structurally unused, not a vanishing gradient: {listing}.")
+    evidence = [f"{len(alerts)} unused alert(s) between steps {first} and {last}"]
+    evidence += [str(m) for m in dict.fromkeys(str(a.get("message", "")) for a in alerts) if m][:3]
+    remedies = ["If they should take part, check what feeds them: the input, feature or branch that reaches them "
+                "is all zeros (a masked or constant feature, a disconnected branch).",
+                "If they are not meant to train, freeze them (requires_grad_(False)) or remove them."]
+    return Finding("unused", TITLES["unused"], summary, evidence, remedies, names, (first, last))
+
+
+def _clipping(run: RunData) -> list[Finding]:
+    out = []
+    for c in run.clip_summaries:
+        frac = _float(c.get("fraction"))
+        if not (frac > 0.5):
+            continue
+        policy, opt = str(c.get("policy", "?")), _int(c.get("optimizer"), 0)
+        steps, clipped = _int(c.get("steps"), 0), _int(c.get("clipped"), 0)
+        typical, bound = _float(c.get("typical_norm")), _float(c.get("bound"))
+        message = c.get("message") if isinstance(c.get("message"), str) and c.get("message") else None
+        summary = message.removeprefix("bpkit ") if message else \
+            (f"GradientClipping({policy}) skipped {100 * frac:.0f}% of steps: most updates are dropped, not only "
+             f"spikes" if policy == "skip" else
+             f"GradientClipping({policy}) clipped {100 * frac:.0f}% of steps: the bound is below the typical norm; "
+             f"this rescales every update")
+        summary = summary.rstrip(".") + "."
+        evidence = [f"optimizer {opt}: {clipped} of {steps} steps clipped ({100 * frac:.0f}%)"]
+        norms = [f"typical gradient norm {typical:.3g}" if math.isfinite(typical) else "",
+                 f"bound {bound:.3g}" if math.isfinite(bound) else ""]
+        if any(norms):
+            evidence.append(", ".join(n for n in norms if n))
+        remedies = [f"Raise the bound to about the typical norm{f' ({typical:.3g})' if math.isfinite(typical) else ''}"
+                    " so clipping only catches outliers, or use an adaptive policy ('zclip', 'autoclip').",
+                    "If the gradients are large on every step, lower the learning rate instead: clipping every step "
+                    "is a smaller learning rate in disguise."]
+        out.append(Finding("clipping", TITLES["clipping"], summary, evidence, remedies, [], None))
+    return out
+
+
+def _explained_by_unused(name: str, unused: set[str]) -> bool:
+    return name in unused or any(u.startswith(name + ".") for u in unused)
+
+
+def _without_unused(alerts: list[dict[str, Any]], unused: set[str]) -> list[dict[str, Any]]:
+    """The alerts with the names an ``unused`` alert already explains taken out (an alert left with none is
+    dropped)."""
+    out = []
+    for a in alerts:
+        names = _split_names(a.get("where", ""))
+        keep = [n for n in names if not _explained_by_unused(n, unused)]
+        if keep:
+            out.append(a if len(keep) == len(names) else {**a, "where": ", ".join(keep)})
+    return out
+
+
 def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        return math.nan
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return math.nan
 
 
@@ -358,11 +560,16 @@ def diagnose(run: RunData) -> list[Finding]:
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for a in run.alerts:
         by_kind.setdefault(str(a.get("kind")), []).append(a)
+    unused = {n for a in by_kind.get("unused", []) for n in _split_names(a.get("where", ""))}
+    if unused:
+        for kind in ("vanishing", "dead"):
+            if kind in by_kind:
+                by_kind[kind] = _without_unused(by_kind[kind], unused)
     found: list[Finding] = []
-    if run.status == "crashed":
+    if run.status == "crashed" or (run.status == "running" and run.last_steps_error):
         found.append(_crashed(run))
-    _, loss = run.series("train/loss")
-    if by_kind.get("nonfinite") or (len(loss) and not np.isfinite(loss).all()):
+    nan_loss = any(not np.isfinite(run.series(k)[1]).all() for k in _loss_keys_checked(run))
+    if by_kind.get("nonfinite") or nan_loss:
         found.append(_nonfinite(run, by_kind.get("nonfinite", [])))
     if by_kind.get("exploding"):
         found.append(_exploding(run, by_kind["exploding"]))
@@ -374,8 +581,11 @@ def diagnose(run: RunData) -> list[Finding]:
     for kind in ("dead", "saturated"):
         if by_kind.get(kind):
             found.append(_units(run, by_kind[kind], kind))
+    if by_kind.get("unused"):
+        found.append(_unused(run, by_kind["unused"]))
     if by_kind.get("spike"):
         found.append(_spike(run, by_kind["spike"]))
+    found += _clipping(run)
     stalled = _stalled(run)
     if stalled is not None:
         found.append(stalled)
@@ -384,11 +594,13 @@ def diagnose(run: RunData) -> list[Finding]:
 
 
 NO_PROBLEMS = "No problems found"
+NO_STATISTICS = "No statistics recorded: no problems can be ruled out"
 
 
-def summary_line(findings: list[Finding]) -> str:
-    """``"No problems found"`` or ``"vanishing gradients, dead units"``."""
+def summary_line(findings: list[Finding], run: RunData | None = None) -> str:
+    """``"No problems found"`` or ``"vanishing gradients, dead units"``; with the run, ``NO_STATISTICS`` instead of
+    ``NO_PROBLEMS`` when it recorded no gradient or activation statistics."""
     if not findings:
-        return NO_PROBLEMS
+        return NO_STATISTICS if run is not None and not has_statistics(run) else NO_PROBLEMS
     return "; ".join(f.title for f in findings)
 

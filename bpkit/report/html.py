@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bpkit.report.findings import NO_PROBLEMS, Finding
+from bpkit.report.findings import NO_PROBLEMS, Finding, last_steps_table, no_statistics_note, train_loss_keys
 from bpkit.report.record import RunData
 
 CSS = """
@@ -54,12 +54,19 @@ def page(title: str, body: str) -> str:
             f"<style>{CSS}</style></head><body><main>{body}</main></body></html>\n")
 
 
-def findings_html(findings: list[Finding]) -> str:
+def findings_html(findings: list[Finding], run: RunData | None = None) -> str:
+    """The diagnosis: the findings, or the verdict; with the run, a record without any gradient or activation
+    statistics says so instead of "No problems found"."""
+    note = no_statistics_note(run) if run is not None else None
     if not findings:
+        if note:
+            return f'<div class="warn" id="verdict"><b>{esc(note)}</b></div>'
         return (f'<div class="ok" id="verdict">{NO_PROBLEMS}: no alert was raised and the logged statistics look '
                 f'healthy.</div>')
     parts = [f'<p id="verdict"><b>{len(findings)} problem{"s" if len(findings) > 1 else ""} found</b>, most urgent '
              f'first.</p>']
+    if note:
+        parts.append(f'<div class="warn" id="no-statistics">{esc(note)}</div>')
     for f in findings:
         steps = f" (steps {f.steps[0]}-{f.steps[1]})" if f.steps and f.steps[0] != f.steps[1] else \
             (f" (step {f.steps[0]})" if f.steps else "")
@@ -87,17 +94,25 @@ class Markup(str):
 def gradcheck_html(run: RunData) -> str:
     parts = []
     for step, rep in run.gradchecks:
+        if "skipped" in rep:  # GradientCheck could not check this module: say why and how to check by hand
+            parts.append(f"<p>Step {step}: <b>skipped</b>: {esc(rep['skipped'])}"
+                         f"{'. To check by hand: ' + esc(rep['hint']) if rep.get('hint') else ''}</p>")
+            continue
         ok = rep.get("passed", True)
         verdict = '<span class="good">passed</span>' if ok else '<span class="bad">FAILED</span>'
         parts.append(f"<p>Step {step}: {verdict} ({esc(rep.get('mode', ''))} mode, {esc(rep.get('dtype', ''))}, "
                      f"eps {esc(fmt(rep.get('eps')))}, rtol {esc(fmt(rep.get('rtol')))}; largest relative error "
                      f"{esc(fmt(rep.get('max_rel_error')))})</p>")
-        rows = [[p.get("name"), "x".join(str(s) for s in p.get("shape", [])), p.get("probes"), p.get("grad_norm"),
+        shape = lambda p: "x".join(str(s) for s in p["shape"]) if isinstance(p.get("shape"), list) else \
+            str(p.get("shape", ""))  # noqa: E731
+        rows = [[p.get("name"), shape(p), p.get("probes"), p.get("grad_norm"),
                  p.get("max_abs_error"), p.get("rel_error"),
                  Markup('<span class="good">yes</span>' if p.get("passed") else '<span class="bad">no</span>'),
                  p.get("reason", "")] for p in rep.get("params", [])]
         parts.append(table(["tensor", "shape", "probes", "grad norm", "max abs error", "rel error", "passed", "note"],
                            rows, {2, 3, 4, 5}))
+        if rep.get("unchecked"):
+            parts.append(f"<p>Coverage: {esc(rep.get('coverage', ''))}</p>")
     return "\n".join(parts)
 
 
@@ -130,12 +145,43 @@ def run_header(run: RunData, findings: list[Finding]) -> str:
 def final_metrics(run: RunData) -> dict[str, float]:
     """The last value of every validation/test metric and of the training loss."""
     out = {}
+    losses = set(train_loss_keys(run))
     for key in run.scalars:
-        if key.startswith(("val/", "test/")) or key in ("train/loss", "grad/norm_total"):
+        if key.startswith(("val/", "test/")) or key in losses or key == "grad/norm_total":
             v = run.last(key)
             if v is not None:
                 out[key] = v
     return out
+
+
+def interventions_html(run: RunData) -> str:
+    """One row per ``clip_summary`` entry: how often each clipping intervention acted."""
+    def fraction(v: Any) -> Markup:
+        f = _num(v)
+        return Markup(f'<span class="{"bad" if f > 0.5 else "good"}">{esc(f"{100 * f:.0f}%")}</span>')
+
+    rows = [[c.get("policy"), c.get("optimizer"), c.get("steps"), c.get("clipped"), fraction(c.get("fraction")),
+             c.get("typical_norm"), c.get("bound"), c.get("message") or ""] for c in run.clip_summaries]
+    return table(["policy", "optimizer", "steps", "clipped", "fraction clipped", "typical norm", "bound", "note"],
+                 rows, {2, 3, 5, 6})
+
+
+def last_steps_html(run: RunData) -> str:
+    """The last steps before a crash (buffered values written on the exception, else the last logged ones)."""
+    end = run.meta.get("end_step")
+    rows = last_steps_table(run, end if isinstance(end, int) and not isinstance(end, bool) else None)
+    if not rows:
+        return ""
+    cols = [c for c in ("loss", "grad_norm_total", "nonfinite", "lr") if any(c in r for r in rows)]
+    return table(["step"] + [c.replace("_", " ") for c in cols], [[r["step"]] + [r.get(c, "") for c in cols]
+                                                                 for r in rows], set(range(len(cols) + 1)))
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
 
 
 def alerts_html(run: RunData) -> str:

@@ -35,9 +35,15 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def plain(text: object) -> str:
+    """Text from the record (parameter names, metric keys, overrides) as matplotlib shows it literally: every
+    ``$`` escaped, so a name such as ``$x^$`` is drawn as typed instead of failing mathtext's parser."""
+    return str(text).replace("$", "\\$")
+
+
 def _short(name: str, width: int = 38) -> str:
     name = name[6:] if name.startswith("model.") else name
-    return name if len(name) <= width else "..." + name[-(width - 3):]
+    return plain(name if len(name) <= width else "..." + name[-(width - 3):])
 
 
 def _layers(run: RunData, prefix: str) -> list[str]:
@@ -177,7 +183,7 @@ def ridgelines(run: RunData, prefix: str, max_layers: int = 4, max_steps: int = 
         ax.set_yticks([])
         ax.set_title(_short(key[len(prefix):], 30), fontsize=8)
         ax.set_xlabel(HIST_GROUPS.get(prefix, "value"), fontsize=8)
-    fig.suptitle(f"{prefix.split('/')[0]} histograms over time (bottom: first logged step, top: last; "
+    fig.suptitle(f"{plain(prefix.split('/')[0])} histograms over time (bottom: first logged step, top: last; "
                  "labels: step)", fontsize=9)
     return fig
 
@@ -196,7 +202,7 @@ def clipping(run: RunData) -> Figure | None:
         if base in styles:
             s, v = run.series(key)
             c, ls, label = styles[base]
-            ax.plot(s, np.where(v > 0, v, np.nan), color=c, ls=ls, lw=1.2, label=f"{label} ({key})")
+            ax.plot(s, np.where(v > 0, v, np.nan), color=c, ls=ls, lw=1.2, label=plain(f"{label} ({key})"))
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("gradient norm")
@@ -222,7 +228,7 @@ def learning_rate(run: RunData) -> Figure | None:
     ax = fig.add_subplot()
     for key in keys:
         s, v = run.series(key)
-        ax.plot(s, v, lw=1.5, label=key)
+        ax.plot(s, v, lw=1.5, label=plain(key))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate")
@@ -235,17 +241,31 @@ def learning_rate(run: RunData) -> Figure | None:
 
 
 def loss(run: RunData) -> Figure | None:
-    """Training loss (and validation loss per epoch) with spike and NaN alerts marked."""
-    s, v = run.series("train/loss")
-    vs, vv = run.series("val/loss")
-    if not len(v) and not len(vv):
+    """Training loss (the chosen series, see :func:`bpkit.report.findings.train_loss_keys`), validation losses,
+    the returned losses of the last steps before a crash, with spike and NaN alerts marked."""
+    from bpkit.report.findings import train_loss_keys, val_loss_keys
+
+    train, val = train_loss_keys(run), val_loss_keys(run)
+    last = sorted((s, r["loss"]) for s, r in run.last_steps.items() if r.get("loss") is not None)
+    if not train and not val and not last:
         return None
     fig = _figure(8, 4.2)
     ax = fig.add_subplot()
-    if len(v):
-        ax.plot(s, v, color="tab:blue", lw=1.2, label="train/loss")
-    if len(vv):
-        ax.plot(vs, vv, color="tab:orange", marker="o", ms=4, lw=1.2, label="val/loss")
+    drawn = []
+    colors = ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    for i, key in enumerate(train):
+        s, v = run.series(key)
+        ax.plot(s, v, color=colors[i % len(colors)], lw=1.2, marker="o" if len(v) < 3 else None, ms=4,
+                label=plain(key + (" (returned by training_step)" if key == "loss/train_returned" else "")))
+        drawn.append(v)
+    for i, key in enumerate(val):
+        s, v = run.series(key)
+        ax.plot(s, v, color=["tab:orange", "tab:red", "gold"][i % 3], marker="o", ms=4, lw=1.2, label=plain(key))
+        drawn.append(v)
+    if last:
+        s, v = np.asarray([x for x, _ in last]), np.asarray([y for _, y in last], dtype=np.float64)
+        ax.plot(s, v, color="black", marker="x", ms=6, lw=0.8, ls="--", label="last steps before the crash")
+        drawn.append(v)
     marked = set()
     for a in run.alerts:
         kind = a.get("kind")
@@ -253,9 +273,9 @@ def loss(run: RunData) -> Figure | None:
             continue
         label = {"spike": f"spike ({a.get('where')})", "nonfinite": "NaN/Inf", "exploding": "exploding"}[kind]
         color = {"spike": "crimson", "nonfinite": "black", "exploding": "purple"}[kind]
-        ax.axvline(int(a["step"]), color=color, ls=":", lw=1.2, label=None if label in marked else label)
+        ax.axvline(int(a["step"]), color=color, ls=":", lw=1.2, label=None if label in marked else plain(label))
         marked.add(label)
-    finish_loss_axes(ax, [v, vv], "loss", "Loss (dotted lines: alerts)")
+    finish_loss_axes(ax, drawn, "loss", "Loss (dotted lines: alerts)")
     return fig
 
 

@@ -38,7 +38,13 @@ class RunData:
         gradchecks: ``[(step, report dict)]`` from ``GradientCheck``.
         images: ``{key: path}`` of images logged through the sink.
         meta: the ``run`` entries of :class:`bpkit.callbacks.RunRecord` merged (start, end, status, ...).
-        bad_lines: lines that were not valid JSON entries (a crash mid-write truncates the last one).
+        last_steps: ``{step: {column: value}}`` from the ``last_steps`` entries written when training raised
+            (RunRecord: ``loss``; GradientMonitor: ``loss``, ``grad_norm_total``, ``nonfinite``), merged by step.
+        last_steps_error: the exception those entries name (``"TypeName: message"``), or ``""``.
+        clip_summaries: the ``clip_summary`` entries of GradientClipping (policy, fraction clipped, ...).
+        bad_lines: lines that were not valid entries (a crash mid-write truncates the last one; a line of the
+            wrong shape, e.g. a step that is not an integer or histogram counts that are not a list of numbers,
+            is skipped whole or in the part that is wrong).
         truncated: the last line was cut short.
     """
 
@@ -49,6 +55,9 @@ class RunData:
     gradchecks: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     images: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    last_steps: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_steps_error: str = ""
+    clip_summaries: list[dict[str, Any]] = field(default_factory=list)
     bad_lines: int = 0
     truncated: bool = False
     entries: int = 0
@@ -85,6 +94,10 @@ def find_record(run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir)
     if path.is_file() and path.name == RECORD_NAME:
         return path
+    if path.is_dir() and path.name == RECORD_NAME and not (path / RECORD_NAME).exists() and \
+            not any(path.rglob(RECORD_NAME)):
+        raise BpkitConfigError("run_dir", str(path), f"a run directory or a {RECORD_NAME} file ({path} is a "
+                                                     f"directory named like the record)")
     if not path.exists():
         raise BpkitConfigError("run_dir", str(path), "an existing run directory (this path does not exist)")
     if not path.is_dir():
@@ -92,7 +105,10 @@ def find_record(run_dir: str | os.PathLike) -> Path:
     direct = path / RECORD_NAME
     if direct.is_file():
         return direct
-    found = sorted(path.rglob(RECORD_NAME), key=lambda p: (p.stat().st_mtime, str(p)))
+    if direct.exists():
+        raise BpkitConfigError("run_dir", str(path), f"a run directory whose {RECORD_NAME} is a file ({direct} is a "
+                                                     f"directory, not a record)")
+    found = sorted((p for p in path.rglob(RECORD_NAME) if p.is_file()), key=lambda p: (p.stat().st_mtime, str(p)))
     if not found:
         raise BpkitConfigError("run_dir", str(path),
                                f"a bpkit run directory: no {RECORD_NAME} was found in it or below it (train with "
@@ -103,20 +119,80 @@ def find_record(run_dir: str | os.PathLike) -> Path:
 def _float(v: Any) -> float:
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return math.nan
 
 
+def _number(v: Any) -> float | None:
+    """A JSON number (``NaN``/``Infinity`` included) as a float; ``None`` for anything else (strings, bools,
+    ``null``, lists)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # an integer too large for a float
+        return None
+
+
+def _step(v: Any) -> int | None:
+    """A valid step: a non-negative integer (or an integral float such as ``12.0``); ``None`` otherwise."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v if v >= 0 else None
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and v >= 0:
+        return int(v)
+    return None
+
+
+def _numbers_1d(v: Any) -> np.ndarray | None:
+    """A flat list of JSON numbers as float64; ``None`` for a scalar, a nested list or non-numbers."""
+    if not isinstance(v, list) or not all(_number(x) is not None for x in v):
+        return None
+    return np.asarray([float(x) for x in v], dtype=np.float64)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _parse(line: str) -> tuple[Any, bool]:
+    """``(object, clean)``: the line's JSON value, or, when the line starts with garbage (a previous process was
+    killed mid-write and the next one appended right after it), the last complete JSON object that ends the
+    line (``clean=False``); ``(None, False)`` when there is none."""
+    try:
+        return json.loads(line), True
+    except ValueError:
+        pass
+    text = line.rstrip()
+    pos = text.find("{", 1)
+    while pos != -1:
+        try:
+            obj, end = _DECODER.raw_decode(text, pos)
+        except ValueError:
+            pos = text.find("{", pos + 1)
+            continue
+        if end == len(text) and isinstance(obj, dict) and "type" in obj:
+            return obj, False
+        pos = text.find("{", pos + 1)
+    return None, False
+
+
 def read_run(run_dir: str | os.PathLike) -> RunData:
-    """Parse a run's record. Lines that do not parse are counted in ``bad_lines`` and skipped.
+    """Parse a run's record. Lines that do not parse, or whose entry has the wrong shape, are counted in
+    ``bad_lines`` and skipped (a wrong part of an otherwise good entry, e.g. one malformed histogram, is
+    skipped alone and the line counted as bad).
 
     Raises:
-        BpkitConfigError: for a path that is no run, or a record with no entry at all.
+        BpkitConfigError: for a path that is no run, an unreadable record, or a record with no entry at all.
     """
     path = find_record(run_dir)
     run = RunData(path=path)
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise BpkitConfigError("run_dir", str(run_dir), f"a readable {RECORD_NAME} ({path}: {err.strerror or err})") \
+            from None
     text = raw.decode("utf-8", errors="replace")
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -127,39 +203,23 @@ def read_run(run_dir: str | os.PathLike) -> RunData:
     for line in lines:
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-            kind, step, data = entry["type"], int(entry.get("step", 0)), entry.get("data")
-        except (ValueError, KeyError, TypeError):
-            run.bad_lines += 1
+        entry, clean = _parse(line)
+        if not clean:
+            run.bad_lines += 1  # the garbage before a recovered entry, or the whole line
+        if not isinstance(entry, dict):
+            run.bad_lines += clean  # valid JSON, but not an entry object
             continue
-        if not isinstance(data, dict):
-            run.bad_lines += 1
+        kind, step, data = entry.get("type"), _step(entry.get("step", 0)), entry.get("data")
+        if not isinstance(kind, str) or step is None or not isinstance(data, dict):
+            run.bad_lines += clean
+            continue
+        ok = _add(run, scalars, kind, step, data)
+        if ok is None:
+            run.bad_lines += clean
             continue
         run.entries += 1
-        if kind == "scalars":
-            for key, value in data.items():
-                steps, values = scalars.setdefault(key, ([], []))
-                steps.append(step)
-                values.append(_float(value))
-        elif kind == "histograms":
-            for key, h in data.items():
-                try:
-                    counts = np.asarray(h["counts"], dtype=np.float64)
-                    edges = np.asarray(h["edges"], dtype=np.float64)
-                except (KeyError, TypeError, ValueError):
-                    continue
-                if edges.shape[0] == counts.shape[0] + 1:
-                    run.histograms.setdefault(key, []).append(Histogram(step, counts, edges))
-        elif kind == "alert":
-            run.alerts.append({**data, "step": int(data.get("step", step))})
-        elif kind == "gradcheck":
-            run.gradchecks.append((step, data))
-        elif kind == "image":
-            if "key" in data and "path" in data:
-                run.images[str(data["key"])] = str(data["path"])
-        elif kind == "run":
-            run.meta.update(data)
+        if not ok:
+            run.bad_lines += clean
     for key, (steps, values) in scalars.items():
         run.scalars[key] = (np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64))
     if run.entries == 0:
@@ -167,3 +227,88 @@ def read_run(run_dir: str | os.PathLike) -> RunData:
                                f"a run with logged data: {path} has no entry yet (the run logged nothing: "
                                f"did it reach its first logging step?)")
     return run
+
+
+def _add(run: RunData, scalars: dict[str, tuple[list[int], list[float]]], kind: str, step: int,
+         data: dict[str, Any]) -> bool | None:
+    """Take one entry into ``run``: ``True`` all of it, ``False`` some of it (the rest was malformed), ``None``
+    none of it."""
+    if kind == "scalars":
+        good = 0
+        for key, value in data.items():
+            number = _number(value)
+            if number is None:
+                continue
+            steps, values = scalars.setdefault(str(key), ([], []))
+            steps.append(step)
+            values.append(number)
+            good += 1
+        return (good == len(data)) if good or not data else None
+    if kind == "histograms":
+        good = 0
+        for key, h in data.items():
+            if not isinstance(h, dict):
+                continue
+            counts, edges = _numbers_1d(h.get("counts")), _numbers_1d(h.get("edges"))
+            if counts is None or edges is None or len(counts) == 0 or len(edges) != len(counts) + 1:
+                continue
+            run.histograms.setdefault(str(key), []).append(Histogram(step, counts, edges))
+            good += 1
+        return (good == len(data)) if good or not data else None
+    if kind == "alert":
+        at = _step(data.get("step", step))
+        if not isinstance(data.get("kind"), str) or at is None:
+            return None
+        alert = {**data, "step": at, "where": str(data.get("where", "") or ""),
+                 "message": str(data.get("message", "") or "")}
+        for k in ("value", "threshold"):
+            alert[k] = _float(data.get(k)) if _number(data.get(k)) is not None else math.nan
+        run.alerts.append(alert)
+        return True
+    if kind == "gradcheck":
+        params = data.get("params", [])
+        if not isinstance(params, list) or not all(isinstance(p, dict) for p in params):
+            return None
+        run.gradchecks.append((step, data))
+        return True
+    if kind == "image":
+        if isinstance(data.get("key"), str) and isinstance(data.get("path"), str):
+            run.images[data["key"]] = data["path"]
+            return True
+        return None
+    if kind == "run":
+        run.meta.update(data)
+        return True
+    if kind == "last_steps":
+        return _add_last_steps(run, data)
+    if kind == "clip_summary":
+        if _number(data.get("fraction")) is None:
+            return None
+        run.clip_summaries.append(dict(data))
+        return True
+    return True  # an entry type this reader does not know (a newer writer): counted, ignored
+
+
+def _add_last_steps(run: RunData, data: dict[str, Any]) -> bool | None:
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps or any(_step(s) is None for s in steps):
+        return None
+    whole = True
+    for column, values in data.items():
+        if column in ("steps", "exception", "source") or not isinstance(values, list):
+            continue
+        if len(values) != len(steps):
+            whole = False
+            continue
+        for s, v in zip(steps, values):
+            row = run.last_steps.setdefault(_step(s), {})
+            if isinstance(v, bool):
+                row[column] = row.get(column, False) or v
+            elif v is None or _number(v) is not None:
+                if v is not None or column not in row:
+                    row[column] = None if v is None else float(v)
+            else:
+                whole = False
+    if isinstance(data.get("exception"), str) and not run.last_steps_error:
+        run.last_steps_error = data["exception"]
+    return whole

@@ -11,7 +11,7 @@ from typing import Any
 from bpkit.errors import BpkitConfigError
 from bpkit.report import html as H
 from bpkit.report import plots
-from bpkit.report.findings import Finding, diagnose, summary_line
+from bpkit.report.findings import Finding, diagnose, summary_line, train_loss_keys
 from bpkit.report.record import RECORD_NAME, RunData, read_run
 
 REPORT_NAME = "bpkit_report.html"
@@ -68,7 +68,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
 
 def render_run(run: RunData, findings: list[Finding], png_dir: Path) -> str:
     """The HTML page of one run; writes its PNGs into ``png_dir``."""
-    body = [H.run_header(run, findings), "<h2>Diagnosis</h2>", H.findings_html(findings)]
+    body = [H.run_header(run, findings), "<h2>Diagnosis</h2>", H.findings_html(findings, run)]
     metrics = H.final_metrics(run)
     if metrics:
         body.append("<h2>Final metrics</h2>" + H.table(["metric", "last value"], [[k, v] for k, v in metrics.items()],
@@ -79,6 +79,11 @@ def render_run(run: RunData, findings: list[Finding], png_dir: Path) -> str:
     for stem, caption, fig in figures:
         png = plots.save(fig, png_dir / f"{stem}.png")
         body.append(f'<figure id="fig-{stem}">{H.img_tag(png, stem)}<figcaption>{H.esc(caption)}</figcaption></figure>')
+    last = H.last_steps_html(run) if any(f.kind == "crashed" for f in findings) else ""
+    if last:
+        body.append("<h2>The last steps before the crash</h2>" + last)
+    if run.clip_summaries:
+        body.append("<h2>Interventions</h2>" + H.interventions_html(run))
     if run.gradchecks:
         body.append("<h2>Gradient check</h2>" + H.gradcheck_html(run))
     body.append("<h2>Alerts</h2>" + H.alerts_html(run))
@@ -189,7 +194,7 @@ def write_multirun_report(sweep_dir: str | os.PathLike, out: str | os.PathLike |
                         if link.is_file() else H.esc(r.name))
         status = H.Markup(f'<span class="{"good" if r.status == "finished" else "bad"}">{H.esc(r.status)}</span>'
                           + (f"<br><small>{H.esc(r.error)}</small>" if r.error else ""))
-        found = summary_line(r.findings) if r.run is not None else "-"
+        found = summary_line(r.findings, r.run) if r.run is not None else "-"
         table_rows.append([name, " ".join(r.overrides) or "(none)", status]
                           + [r.metrics.get(k, float("nan")) for k in metric_keys] + [found])
     numeric = set(range(3, 3 + len(metric_keys)))
@@ -208,18 +213,24 @@ def write_multirun_report(sweep_dir: str | os.PathLike, out: str | os.PathLike |
             body.append(f"<h3>Job {H.esc(r.name)}: failed</h3><p>{H.esc(r.error)}</p>")
             continue
         body.append(f"<h3>Job {H.esc(r.name)} ({H.esc(' '.join(r.overrides) or 'no overrides')})</h3>"
-                    + H.findings_html(r.findings))
+                    + H.findings_html(r.findings, r.run))
     target.write_text(H.page(f"bpkit sweep: {base.name}", "\n".join(body)), encoding="utf-8")
     return target
 
 
 def _sweep_loss(rows: list[JobRow]) -> Any:
-    series = [(r, r.run.series("train/loss")) for r in rows if r.run is not None and len(r.run.series("train/loss")[1])]
+    series = []
+    for r in rows:
+        keys = train_loss_keys(r.run) if r.run is not None else []
+        if keys:
+            series.append((r, keys[0], r.run.series(keys[0])))
     if not series:
         return None
     fig = plots._figure(8, 4.2)
     ax = fig.add_subplot()
-    for r, (s, v) in series:
-        ax.plot(s, v, lw=1.2, label=f"{r.name}: {' '.join(r.overrides)[:50]}")
-    plots.finish_loss_axes(ax, [v for _, (_, v) in series], "train/loss", "Training loss per job")
+    for r, key, (s, v) in series:
+        ax.plot(s, v, lw=1.2, label=plots.plain(f"{r.name}: {' '.join(r.overrides)[:50]}"
+                                                + ("" if key == "train/loss" else f" ({key})")))
+    names = sorted({key for _, key, _ in series})
+    plots.finish_loss_axes(ax, [v for _, _, (_, v) in series], ", ".join(names), "Training loss per job")
     return fig
