@@ -78,7 +78,7 @@ def detector(options):
 # ----------------------------------------------------------------------------- every argument of every callback
 ARGS = {
     GradientMonitor: {
-        "log_every_n_steps": ints(1, optional=True), "per_layer": flag(), "histograms": flag(),
+        "log_every_n_steps": ints(0, optional=True), "per_layer": flag(), "histograms": flag(),
         "update_ratio": flag(), "include": globs(), "exclude": globs(), "group_by": choice(["parameter", "module"]),
         "on_nonfinite": choice(["warn", "skip", "stop", "raise"]), "on_exploding": choice(["warn"]),
         "vanishing": detector(["rel_max", "rel_weight", "patience"]),
@@ -90,18 +90,19 @@ ARGS = {
         "modules": (st.one_of(st.just("auto"), st.just("net.*"), st.lists(st.just("a*"), min_size=1, max_size=2)),
                     st.one_of(st.just(""), st.just([]), st.integers(), st.lists(st.integers(), min_size=1),
                               st.none(), st.just([""]))),
-        "log_every_n_steps": ints(1, optional=True), "histograms": flag(), "bins": ints(1),
+        "log_every_n_steps": ints(0, optional=True), "histograms": flag(), "bins": ints(1),
         "hist_range": pair(), "dead_threshold": floats(0.0, 1.0, high_open=True),
         "saturation_threshold": floats(0.5, 1.0, low_open=True, high_open=True),
         "saturated_fraction": floats(0.0, 1.0, high_open=True), "patience": ints(1), "gradients": flag(),
     },
-    RunRecord: {"log_every_n_steps": ints(1, optional=True), "gradient_flow_image": flag(), "wandb_alerts": flag()},
+    RunRecord: {"log_every_n_steps": ints(0, optional=True), "gradient_flow_image": flag(), "wandb_alerts": flag()},
     GradientCheck: {
         "mode": choice(["directional", "full"]), "every_n_steps": ints(1, optional=True),
         "n_directions": ints(1), "max_elements": ints(1), "eps": floats(0.0, low_open=True, optional=True),
         "rtol": floats(0.0, low_open=True, optional=True), "atol": floats(0.0, optional=True),
         "dtype": choice(["float64", "float32"]), "on_failure": choice(["warn", "raise"]),
         "batch_independence": flag(), "train": flag(), "seed": ints(0),
+        "max_seconds": floats(0.0, low_open=True, optional=True),
         "progress": (st.sampled_from([True, False, "auto"]), st.one_of(words.filter(lambda w: w != "auto"),
                                                                        st.integers(2, 9), st.none())),
     },
