@@ -279,17 +279,30 @@ def _same_state(a, b):
 
 # --- modules the check now handles ----------------------------------------------------------------
 
-def test_cast_in_training_step_falls_back_to_float32(tmp_path):
+def test_cast_in_training_step_is_checked_in_float64(tmp_path):
+    # x.float() inside the check becomes x.double(): the whole step runs in float64, no fallback needed
     check = GradientCheck(on_failure="raise")
     trainer, messages = _fit(CastLit(), callbacks=[check], tmp_path=tmp_path)
     assert trainer.global_step == 2
     (step, report), = check.reports
-    assert report.passed and report.dtype == "float32", str(report)
-    assert any("ran in float32: the float64 copy cannot run the step" in m and "inconclusive" in m
-               for m in messages), messages
+    assert report.passed and report.dtype == "float64" and len(report.params) == 4, str(report)
+    assert not any("ran in float32" in m for m in messages), messages
     _no_alert(check, messages)
     (entry,) = _record(trainer)
-    assert entry["data"]["dtype"] == "float32" and entry["data"]["notes"][0].startswith("ran in float32")
+    assert entry["data"]["dtype"] == "float64"
+
+
+def test_cast_in_training_step_with_a_wrong_backward_is_caught_in_float64():
+    class BadCast(CastLit):
+        def __init__(self):
+            super().__init__()
+            self.net[-1] = _CustomLinear(self.net[-1].in_features, self.net[-1].out_features, 1.5)
+
+    check = GradientCheck()
+    _fit(BadCast(), callbacks=[check])
+    (_, report), = check.reports
+    assert report.dtype == "float64" and report.failed, str(report)
+    assert all(not p.inconclusive for p in report.params)
 
 
 @pytest.mark.parametrize("module", [OneArgLit, DictLit], ids=["one-arg", "dict"])
@@ -301,20 +314,20 @@ def test_one_argument_and_dict_training_steps_are_checked(module):
     assert messages == []
 
 
-def test_float32_zeros_in_forward_checks_in_float32_without_false_alerts():
+def test_float32_zeros_in_forward_are_made_float64_and_checked_without_false_alerts():
     check = GradientCheck()
     _, messages = _fit(ZerosLit(), callbacks=[check])
     (_, report), = check.reports
-    assert report.dtype == "float32" and report.passed and report.failed == [], str(report)
-    assert len(report.params) == 6  # inconclusive tensors, if any, count as checked but not failed
+    assert report.dtype == "float64" and report.passed and report.failed == [], str(report)
+    assert len(report.params) == 6 and not report.inconclusive
     _no_alert(check, messages)
 
 
-def test_float32_fallback_still_catches_a_real_wrong_backward():
+def test_float32_zeros_in_forward_with_a_wrong_backward_is_caught():
     check = GradientCheck()
     _, messages = _fit(ZerosLit(bad_factor=1.5), callbacks=[check])
     (_, report), = check.reports
-    assert report.dtype == "float32" and "head.weight" in report.failed, str(report)
+    assert report.dtype == "float64" and "head.weight" in report.failed, str(report)
     assert len(check.alerts) == 1 and "head.weight" in check.alerts[0].where
 
 

@@ -35,6 +35,42 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _HOOK_FLAG_DICTS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
+class PromoteFloat32(torch.overrides.TorchFunctionMode):
+    """Inside the float64 check, what the model writes as float32 becomes float64.
+
+    Real models cast (``x.float()``, ``x.to(torch.float32)``) and create float32 tensors inside ``forward``
+    (``torch.zeros(B, H)`` with the default dtype, ``dtype=torch.float32``): on a float64 copy these either fail
+    (``mat1 and mat2 must have the same dtype``) or silently drop to float32 precision, which makes finite
+    differences useless. This mode turns those casts and factories into float64 ones, and the default dtype
+    is float64 while it is active, so the same code runs end to end in float64.
+
+    Example::
+
+        >>> with PromoteFloat32():
+        ...     torch.zeros(2).dtype, torch.ones(2, dtype=torch.float32).dtype, torch.ones(2).double().float().dtype
+        (torch.float64, torch.float64, torch.float64)
+    """
+
+    def __enter__(self) -> "PromoteFloat32":
+        self._default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_default_dtype(self._default)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.float:
+            func = torch.Tensor.double
+        elif kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = torch.float64
+        elif func in (torch.Tensor.to, torch.Tensor.type) and any(a is torch.float32 for a in args[1:]):
+            args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        return func(*args, **kwargs)
+
+
 def describe(batch: Any) -> str:
     """``(Tensor[64, 64] float32, Tensor[64] int64)``: the structure and shapes of a batch."""
     if isinstance(batch, torch.Tensor):
@@ -244,7 +280,7 @@ class Target:
             self.batch, self.tbptt = chunk, (index, len(chunks), hiddens)
             if index == len(chunks) - 1:
                 return
-            with torch.no_grad():
+            with torch.no_grad(), self._precision():
                 self._seed()
                 _set_tbptt_position(self.module, index, len(chunks))
                 out = self.module.training_step(chunk, self.batch_idx, hiddens)
@@ -307,10 +343,14 @@ class Target:
         random.seed(self.seed)
         np.random.seed(self.seed)
 
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """float64 end to end in a float64 check (casts and float32 factories inside the model included)."""
+        return PromoteFloat32() if self.dtype == torch.float64 else contextlib.nullcontext()
+
     def loss(self) -> torch.Tensor:
         """The loss at the current values of the checked tensors, with randomness re-seeded."""
         self._seed()
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False), self._precision():
             out = self._call()
         return out
 
