@@ -10,21 +10,49 @@ Example::
     bpkit-train                                    # MLP on digits, W&B offline
     bpkit-train model=rnn data=adding trainer.max_epochs=3
     bpkit-train -m recipe=vanishing_depth model.depth=4,16 model.activation=sigmoid,relu
+    bpkit-train trainer.max_epochs=10 ckpt_path=last   # resume the newest run, train up to 10 epochs
+
+Resuming (``ckpt_path``, passed to ``Trainer.fit(ckpt_path=...)``): a path to a ``.ckpt`` file, or ``last``. Hydra
+gives the resumed invocation a new run directory, so ``last`` means the newest (by modification time)
+``last.ckpt`` among:
+
+- this run's checkpoint directory (``callbacks.checkpoint.dirpath``, by default ``<run dir>/checkpoints``), which
+  holds one when ``hydra.run.dir`` (or the dirpath) is pinned to a previous run's;
+- the previous runs of the same layout: the run directory pattern (``hydra.run.dir``; for a multirun job
+  ``hydra.sweep.dir/hydra.sweep.subdir``) with each ``${now:...}`` part as a wildcard, followed by the
+  checkpoint directory's place inside the run directory. With the defaults that is
+  ``outputs/*/*/checkpoints/last.ckpt``, and for job ``k`` of a multirun ``multirun/*/*/k/checkpoints/last.ckpt``.
+
+The trainer's limits are totals: a run that stopped at step N and is resumed with ``trainer.max_steps=2N`` trains
+N more steps.
+
+Failures of the environment rather than of the code (a directory that cannot be created or written, a full disk,
+a setting Lightning rejects, a checkpoint that does not fit the model) end the job with one line
+``bpkit-train: error: <key>=<value> is invalid: expected ...`` and exit status 2; errors raised by the training
+code itself keep their traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
+import glob
 import inspect
 import logging
 import math
 import os
+import re
 import shutil
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
+from typing_extensions import override
 
 from bpkit.errors import BpkitConfigError, check_int
 
@@ -83,12 +111,272 @@ def _check_config(cfg: DictConfig) -> None:
     for key in ("model", "data", "optimizer"):
         if not isinstance(cfg.get(key), DictConfig) or "_target_" not in cfg[key]:
             raise BpkitConfigError(key, OmegaConf.to_container(cfg.get(key)), "a config group choice with _target_")
+    trainer_cfg = cfg.get("trainer")
+    if isinstance(trainer_cfg, DictConfig) and trainer_cfg.get("accumulate_grad_batches") is not None:
+        # Lightning takes 0, -1 or 1.5 without a word (and bpkit's step count divides by it)
+        check_int("trainer.accumulate_grad_batches", trainer_cfg.accumulate_grad_batches, minimum=1)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and ckpt != "last":
+        _check_ckpt_file(ckpt)
+
+
+# ---------------------------------------------------------------- resume: ckpt_path
+
+_CKPT_EXPECTED = "the path of a checkpoint file (.ckpt) or 'last'"
+_NOW = re.compile(r"\$\{now:[^}]*\}")
+
+
+def _hydra_cfg() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _original_cwd() -> Path:
+    hc = _hydra_cfg()
+    cwd = hc.runtime.get("cwd") if hc is not None else None
+    return Path(cwd) if cwd else Path.cwd()
+
+
+def _check_ckpt_file(value: Any) -> str:
+    """``ckpt_path=<file>``: an existing, readable checkpoint file (relative paths from where the app started)."""
+    if not isinstance(value, str) or not value.strip():
+        raise BpkitConfigError("ckpt_path", value, _CKPT_EXPECTED)
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute():
+        path = _original_cwd() / path
+    if not path.exists():
+        raise BpkitConfigError("ckpt_path", value, f"{_CKPT_EXPECTED}: {path} does not exist")
+    if not path.is_file():
+        raise BpkitConfigError("ckpt_path", value, f"{_CKPT_EXPECTED}: {path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as exc:
+        raise BpkitConfigError("ckpt_path", value, f"a readable checkpoint file: {exc.strerror}") from None
+    if not (zipfile.is_zipfile(path) or head == b"\x80"):  # torch.save's zip format, or a legacy pickle
+        raise BpkitConfigError("ckpt_path", value, f"a checkpoint written by Lightning (torch.save): {path} is not one")
+    return str(path)
+
+
+def _previous_runs_pattern(ckpt_subdir: Path) -> str | None:
+    """This job's run directory as a glob (its ``${now:...}`` parts as ``*``) + ``<ckpt_subdir>/last.ckpt``."""
+    from hydra.types import RunMode
+
+    hc = _hydra_cfg()
+    if hc is None or not hc.runtime.get("output_dir"):
+        return None
+    try:
+        if hc.get("mode") == RunMode.MULTIRUN:
+            sweep = OmegaConf.to_container(hc.sweep, resolve=False)
+            template = f"{sweep['dir']}/{sweep['subdir']}"
+        else:
+            template = str(OmegaConf.to_container(hc.run, resolve=False)["dir"])
+    except Exception:  # a custom layout we cannot read: only this run's checkpoint directory is searched
+        return None
+    if not _NOW.search(template):
+        return None
+    starred = _NOW.sub(lambda m: "/".join("*" for _ in m.group(0).split("/")), template)
+    base = Path(starred) if os.path.isabs(starred) else _original_cwd() / starred
+    tparts = Path(os.path.normpath(base)).parts
+    rparts = Path(os.path.normpath(hc.runtime.output_dir)).parts
+    if len(tparts) != len(rparts):
+        return None
+    comps = []
+    for t, r in zip(tparts, rparts):
+        if "${" in t:  # another interpolation: this job's value, or anything when mixed with a time
+            comps.append("*" if "*" in t else glob.escape(r))
+        else:
+            comps.append("*".join(glob.escape(piece) for piece in t.split("*")))
+    return os.path.join(*comps, glob.escape(str(ckpt_subdir)), "last.ckpt")
+
+
+def _show(path: str | Path) -> str:
+    try:
+        return os.path.relpath(path, _original_cwd()) if os.path.isabs(path) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _find_last_checkpoint(ckpt_dirs: list[Path]) -> str:
+    """``ckpt_path=last``: the newest ``last.ckpt`` of this run's checkpoint directory or of the previous runs."""
+    hc = _hydra_cfg()
+    run_dir = Path(os.path.realpath(hc.runtime.output_dir)) if hc is not None and hc.runtime.get("output_dir") \
+        else None
+    subdir = Path("checkpoints")  # the default dirpath's place inside the run directory
+    for d in ckpt_dirs:
+        if run_dir is not None and Path(os.path.realpath(d)).is_relative_to(run_dir):
+            subdir = Path(os.path.realpath(d)).relative_to(run_dir)
+            break
+    candidates = [d / "last.ckpt" for d in ckpt_dirs if (d / "last.ckpt").is_file()]
+    pattern = _previous_runs_pattern(subdir)
+    if pattern:
+        candidates += [Path(p) for p in glob.glob(pattern) if os.path.isfile(p)]
+    if not candidates:
+        places = ([pattern] if pattern else []) + [str(d / "last.ckpt") for d in ckpt_dirs
+                                                   if not (pattern and fnmatch.fnmatch(str(d / "last.ckpt"), pattern))]
+        where = " nor ".join(dict.fromkeys(_show(p) for p in places)) or "last.ckpt (no checkpoint directory)"
+        raise BpkitConfigError("ckpt_path", "last", f"a previous run's checkpoint, but there is no {where}; "
+                                                    "train once first (with callbacks.checkpoint) or give a path")
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def _resolve_ckpt_path(cfg: DictConfig, callbacks: list[Any]) -> str | None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    value = cfg.get("ckpt_path")
+    if value is None:
+        return None
+    if value == "last":
+        dirs = [Path(cb.dirpath) for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        return _find_last_checkpoint(dirs)
+    return _check_ckpt_file(value)
+
+
+# ---------------------------------------------------------------- hostile environments
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # never the training code's fault
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+
+
+def _check_writable(key: str, value: Any, path: Path) -> None:
+    """Fail now, not at the first checkpoint, on a directory that cannot be created or written (leaves nothing)."""
+    probe = Path(os.path.abspath(os.path.expanduser(str(path))))
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BpkitConfigError(key, value, f"a directory that can be created: {probe} is not a directory")
+    try:  # os.access() says yes to root on /proc and to read-only mounts: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".bpkit-write-check-", dir=probe))
+    except OSError as exc:
+        raise BpkitConfigError(key, value, f"a directory that can be created and written: writing in {probe} "
+                                           f"fails ({exc.strerror or exc})") from None
+
+
+class RunDirCheck(HydraCallback):
+    """Hydra callback: one line and exit status 2, before Hydra writes anything, when the run directory
+    (``hydra.run.dir``, or ``hydra.sweep.dir`` for a multirun) cannot be created or written.
+
+    Enabled in ``conf/train.yaml`` under ``hydra.callbacks.run_dir_check`` (before ``sweep_summary``).
+    """
+
+    @override
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "run")
+
+    @override
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "sweep")
+
+    @staticmethod
+    def _check(config: DictConfig, node: str) -> None:
+        try:
+            value = str(config.hydra[node].dir)
+        except Exception:  # interpolations that only resolve inside the job: Hydra reports those itself
+            return
+        try:
+            _check_writable(f"hydra.{node}.dir", value, Path(value))
+        except BpkitConfigError as err:
+            print(f"bpkit-train: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
+def _output_places(cfg: DictConfig, callbacks: dict[str, Any], logger: Any, run_dir: str | None) \
+        -> list[tuple[str, Any, Path]]:
+    """``(key, value, path)`` of everything the run writes, to name the key when writing fails."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    places = []
+    for name, cb in callbacks.items():
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            places.append((f"{name}.dirpath", cb.dirpath, Path(cb.dirpath)))
+    save_dir = getattr(logger, "save_dir", None) if logger else None
+    if save_dir:
+        places.append(("logger.save_dir", save_dir, Path(save_dir)))
+    if run_dir:
+        places.append(("hydra.run.dir", run_dir, Path(run_dir)))
+    return places
+
+
+def _environment_error(exc: BaseException, parts: dict[str, Any], cfg: DictConfig) -> BpkitConfigError | None:
+    """The one-line error for a failure of the environment or the setup; None for the training code's errors."""
+    import traceback
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS | _PATH_ERRNOS:
+        places = parts.get("outputs", [])
+        name = exc.filename if isinstance(exc.filename, (str, os.PathLike)) else None
+        hit = None
+        if name is not None:
+            target = os.path.realpath(os.path.abspath(name))
+            inside = [pl for pl in places if Path(target).is_relative_to(os.path.realpath(pl[2]))]
+            hit = max(inside, key=lambda pl: len(str(pl[2])), default=None)
+        if hit is None and exc.errno in _DISK_ERRNOS:
+            frames = " ".join(f.filename for f in traceback.extract_tb(exc.__traceback__))
+            saving_ckpt = "model_checkpoint" in frames or os.path.join("plugins", "io") in frames
+            ckpt = [pl for pl in places if pl[0].startswith("callbacks.")]
+            hit = ckpt[0] if saving_ckpt and ckpt else (places[-1] if places else ("hydra.run.dir", "?", Path(".")))
+        if hit is None:
+            return None  # a file of the user's own (data, ...): keep the traceback
+        what = f"writing {name} failed" if name else "writing failed"
+        return BpkitConfigError(hit[0], hit[1], f"a directory that can be written, with free space ({what}: "
+                                                f"{exc.strerror or exc})")
+    tb = traceback.extract_tb(exc.__traceback__)
+    raised_by_lightning = bool(tb) and f"{os.sep}lightning{os.sep}" in tb[-1].filename
+    if isinstance(exc, MisconfigurationException) or (isinstance(exc, ValueError) and raised_by_lightning):
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        found = [(m.start(), str(k)) for k in cfg.trainer if k != "_target_"
+                 for m in [re.search(rf"\b{re.escape(str(k))}\b", detail)] if m]
+        if found:  # Lightning names the setting first (then the ones that would help): so do we
+            key = min(found)[1]
+            return BpkitConfigError(f"trainer.{key}", cfg.trainer[key], f"a value Lightning accepts: {detail}")
+        return BpkitConfigError("trainer", cfg.trainer.get("_target_", "?"), f"a setup Lightning accepts: {detail}")
+    if parts.get("ckpt_path") and isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in str(exc):
+        first = str(exc).strip().splitlines()
+        detail = " ".join(ln.strip() for ln in first[:3])
+        return BpkitConfigError("ckpt_path", cfg.ckpt_path, f"a checkpoint of this model and config ({detail})")
+    return None
+
+
+def _progress() -> Any:
+    """A callback that notes the step training starts from (after a checkpoint is restored)."""
+    import lightning.pytorch as pl
+
+    class _Progress(pl.Callback):
+        start: int | None = None
+
+        @override
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.start = trainer.global_step
+
+    return _Progress()
+
+
+def _nothing_trained(cfg: DictConfig, trainer: Any, progress: Any) -> str | None:
+    """Why this invocation made no optimizer step, naming the setting; None when it trained."""
+    if progress.start is not None and trainer.global_step > progress.start:
+        return None
+    t = cfg.trainer
+    if t.get("max_steps") == 0:
+        return "trainer.max_steps=0"
+    limit = t.get("limit_train_batches")
+    if limit is not None and limit == 0:
+        return f"trainer.limit_train_batches={limit}"
+    if t.get("max_epochs") == 0:
+        return "trainer.max_epochs=0"
+    if cfg.get("ckpt_path") and trainer.global_step > 0:
+        return (f"ckpt_path={cfg.ckpt_path} is already at step {trainer.global_step}, epoch {trainer.current_epoch}: "
+                f"the limits are totals, raise trainer.max_steps or trainer.max_epochs")
+    return "no training batch ran"
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Build every object of a run from a composed config, failing early with clear messages.
 
-    Returns a dict with ``datamodule``, ``task``, ``trainer``, ``monitor`` and ``loss``.
+    Returns a dict with ``datamodule``, ``task``, ``trainer``, ``monitor``, ``loss``, ``ckpt_path`` (the checkpoint
+    to resume from, resolved, or None), ``progress`` (notes the step training starts from) and ``outputs`` (the
+    ``(key, value, path)`` of every directory the run writes).
     """
     import lightning.pytorch as pl
     import torch
@@ -150,12 +438,24 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     except BpkitConfigError as err:
         raise err.with_prefix("task") from None
 
-    callbacks = [_instantiate(f"callbacks.{name}", node) for name, node in (cfg.get("callbacks") or {}).items()
-                 if node is not None]
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    named = {f"callbacks.{name}": _instantiate(f"callbacks.{name}", node)
+             for name, node in (cfg.get("callbacks") or {}).items() if node is not None}
     if cfg.get("clipping"):
-        callbacks.append(_instantiate("clipping", cfg.clipping))
+        named["clipping"] = _instantiate("clipping", cfg.clipping)
     logger = _instantiate("logger", cfg.logger) if cfg.get("logger") else False
-    trainer = _instantiate("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
+    if not logger:  # Lightning's LearningRateMonitor refuses a run without a logger; the record keeps the LRs
+        for key in [k for k, cb in named.items() if isinstance(cb, LearningRateMonitor)]:
+            log.info("logger=none: %s is left out (it needs a logger; the run record keeps the learning rates)", key)
+            del named[key]
+    for key, cb in named.items():
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            _check_writable(f"{key}.dirpath", cb.dirpath, Path(cb.dirpath))
+    callbacks = list(named.values())
+    ckpt_path = _resolve_ckpt_path(cfg, callbacks)
+    progress = _progress()
+    trainer = _instantiate("trainer", cfg.trainer, callbacks=[*callbacks, progress], logger=logger)
     if isinstance(scheduler, dict):
         interval = scheduler.get("interval", cfg.task.scheduler_interval)
         total = estimate_total_steps(trainer, datamodule, interval)
@@ -167,7 +467,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
                 total *= -(-(-(-length // tbptt)) // cfg.task.get("tbptt_accumulate_chunks", 1))
         check_schedule_spec(scheduler, total_steps=total)
     monitor = cfg.monitor if cfg.monitor != "auto" else ("val/acc" if "acc" in metrics else "val/loss")
-    return {"datamodule": datamodule, "task": task, "trainer": trainer, "monitor": monitor, "loss": loss}
+    hc = _hydra_cfg()
+    run_dir = hc.runtime.get("output_dir") if hc is not None else None
+    return {"datamodule": datamodule, "task": task, "trainer": trainer, "monitor": monitor, "loss": loss,
+            "ckpt_path": ckpt_path, "progress": progress, "outputs": _output_places(cfg, named, logger, run_dir)}
 
 
 def estimate_total_steps(trainer: Any, datamodule: Any, interval: str) -> int | None:
@@ -187,9 +490,11 @@ def estimate_total_steps(trainer: Any, datamodule: Any, interval: str) -> int | 
     return int(trainer.max_epochs * math.ceil(batches / trainer.accumulate_grad_batches))
 
 
-def _summary(trainer: Any, run_dir: str) -> str:
+def _summary(trainer: Any, run_dir: str, untrained: str | None = None) -> str:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
     parts = [f"{k}={v:.4g}" for k, v in sorted(metrics.items())]
+    if untrained is not None:  # whatever validation ran scored the untrained (or restored) weights
+        parts = [f"nothing was trained ({untrained})"]
     line = "bpkit: " + (" ".join(parts) or "no validation metrics") + f" | run: {run_dir}"
     wandb_dir = Path(run_dir) / "wandb"
     runs = sorted(wandb_dir.glob("offline-run-*")) if wandb_dir.is_dir() else []
@@ -228,21 +533,31 @@ def run(cfg: DictConfig) -> float:
         raise err
     trainer, task, datamodule = parts["trainer"], parts["task"], parts["datamodule"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in trainer.loggers:  # the resolved config becomes the W&B run config
-        logger.log_hyperparams(resolved)
     try:
+        for logger in trainer.loggers:  # the resolved config becomes the W&B run config
+            logger.log_hyperparams(resolved)
         if cfg.get("lr_find"):
             _run_lr_find(cfg, trainer, task, datamodule, run_dir)
-        trainer.fit(task, datamodule=datamodule)
+        if parts["ckpt_path"] and trainer.is_global_zero:
+            print(f"bpkit-train: resuming from {parts['ckpt_path']}", flush=True)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=parts["ckpt_path"])
+        untrained = _nothing_trained(cfg, trainer, parts["progress"])
         if cfg.get("test_after_fit"):
             trainer.test(task, datamodule=datamodule)
         value = trainer.callback_metrics.get(parts["monitor"])
-        result = float(value) if value is not None else math.nan
+        result = float(value) if value is not None and untrained is None else math.nan
         if trainer.is_global_zero:
-            if cfg.get("report", True):
+            if untrained is not None:
+                print(f"bpkit-train: nothing was trained: {untrained}", file=sys.stderr, flush=True)
+            elif cfg.get("report", True):
                 _write_report(run_dir)
-            print(_summary(trainer, run_dir), flush=True)
+            print(_summary(trainer, run_dir, untrained), flush=True)
         return result
+    except Exception as exc:
+        err = _environment_error(exc, parts, cfg)
+        if err is None:
+            raise  # the training code's own error: keep its traceback
+        raise err from exc
     finally:
         _finish_wandb()
 
