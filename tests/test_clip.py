@@ -227,7 +227,7 @@ def _spiky_norms(n: int, seed: int = 0) -> list[float]:
     {"clip_option": "mean"},
     {"mode": "percentile"},
     {"max_norm": 1.05, "warmup_steps": 5},
-    {"max_norm": 1.0},  # the published default cap
+    {"max_norm": 1.0},  # the official code's cap (bpkit's default is None)
     {"alpha": 0.9, "z_thresh": 1.5, "warmup_steps": 3},
 ])
 def test_zclip_matches_reference(kwargs):
@@ -247,6 +247,24 @@ def test_zclip_matches_reference(kwargs):
     assert clipped >= 5
     assert float(zc.stats.mean) == pytest.approx(ref.mu, rel=1e-5)
     assert float(zc.stats.var) == pytest.approx(ref.var, rel=1e-4)
+
+
+def test_zclip_default_has_no_cap_and_leaves_calm_steps_bitwise():
+    """At its defaults ZClip clips nothing in warm-up and nothing that is not an outlier, however large the norm
+    (the official code's cap of 1.0 would clip all of these), and still pulls a spike back."""
+    zc = ZClip()
+    assert zc.max_norm is None
+    rng = np.random.default_rng(0)
+    p = torch.zeros(3, requires_grad=True)
+    for step in range(60):
+        g = torch.as_tensor(rng.standard_normal(3), dtype=torch.float32)
+        g = g / g.norm() * float(20.0 + rng.uniform(-1.0, 1.0))  # calm: norms 20 +- 1, uniform (|z| < 1.8)
+        p.grad = g.clone()
+        res = zc.clip_([p])
+        assert torch.equal(p.grad, g) and not bool(res.clipped), step
+    p.grad = torch.tensor([200.0, 0.0, 0.0])
+    res = zc.clip_([p])
+    assert bool(res.clipped) and float(p.grad.norm()) < 25.0
 
 
 def test_zclip_nonfinite_leaves_grads_and_stats():

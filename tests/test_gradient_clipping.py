@@ -20,7 +20,7 @@ from bpkit.callbacks import GradientClipping, _step_cache
 from bpkit.callbacks import gradient_clipping as gc_module
 from bpkit.errors import BpkitConfigError
 from bpkit.stats import norms as stats_norms
-from tests._helpers import sgd_or_adam, step_if_manual
+from tests._helpers import MemoryLogger, sgd_or_adam, step_if_manual
 from tests.hostreads import HostReadCounter
 
 ALL = ["norm", "value", "agc", "autoclip", "zclip", "skip"]
@@ -122,24 +122,22 @@ def test_clipped_fraction(tmp_path, max_norm, expected):
 
 
 def test_clipped_fraction_counts_steps_between_logs():
-    """The fraction equals the share of steps whose norm exceeded max_norm, checked by a callback before it."""
+    """The fraction equals the share of steps whose norm exceeded max_norm, checked by a callback before it;
+    clip/clipped_total is the share over the whole run."""
     norms: list[float] = []
 
     class Recorder(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters()])))
 
-    logged = []
-
-    class Clip(GradientClipping):
-        def _log(self, trainer, index, result, total, grads, norm_type):
-            logged.append(float(self._clipped[index] / self._since[index]))
-            super()._log(trainer, index, result, total, grads, norm_type)
-
-    _trainer([Recorder(), Clip("norm", max_norm=3.0, log_every_n_steps=4)]).fit(
+    logger = MemoryLogger()
+    _trainer([Recorder(), GradientClipping("norm", max_norm=3.0, log_every_n_steps=4)], logger=logger).fit(
         Regressor(), _data(spikes=(1, 2, 6)))
-    assert logged == [sum(n > 3.0 for n in norms[:4]) / 4, sum(n > 3.0 for n in norms[4:]) / 4]
-    assert 0 < logged[0] < 1
+    logged = logger.series("clip/clipped")
+    first, second = sum(n > 3.0 for n in norms[:4]) / 4, sum(n > 3.0 for n in norms[4:]) / 4
+    assert logged == {3: first, 7: second}
+    assert 0 < logged[3] < 1
+    assert logger.series("clip/clipped_total") == {3: first, 7: sum(n > 3.0 for n in norms) / 8}
 
 
 def test_reuses_published_norm(monkeypatch):
@@ -319,21 +317,32 @@ def test_resume_equals_uninterrupted(tmp_path, policy):
     assert full_cb._steps == resumed_cb._steps == {0: 16}
 
 
+class _ReadsAtTrainEnd(pl.Callback):
+    """Notes the host-read count when training ends, before GradientClipping's summary (placed before it)."""
+
+    def __init__(self, reads: HostReadCounter) -> None:
+        self.reads, self.at_end = reads, None
+
+    def on_train_end(self, trainer, pl_module):
+        self.at_end = self.reads.count
+
+
 @pytest.mark.parametrize("policy", ["norm", "value", "agc", "autoclip", "zclip"])
 def test_zero_host_reads_without_logging(policy):
-    trainer = _trainer([GradientClipping(policy, **SMALL[policy])])
+    """No read on the steps; the one read of the whole run is the end-of-run summary's."""
     with HostReadCounter() as reads:
-        trainer.fit(Regressor(), _data())
-    assert reads.count == 0, reads.sites
+        probe = _ReadsAtTrainEnd(reads)
+        _trainer([probe, GradientClipping(policy, **SMALL[policy])]).fit(Regressor(), _data())
+    assert probe.at_end == 0 and reads.count == 1, reads.sites
 
 
 def test_host_reads_only_at_log_steps_and_skip_decision():
     with HostReadCounter() as reads:
         _trainer([GradientClipping("norm", log_every_n_steps=4)]).fit(Regressor(), _data())
-    assert reads.count == 2, reads.sites  # one readback per log step
+    assert reads.count == 2 + 1, reads.sites  # one readback per log step, one for the end-of-run summary
     with HostReadCounter() as reads:
         _trainer([GradientClipping("skip", **SMALL["skip"])]).fit(Regressor(), _data(spikes=()))
-    assert reads.count == 8, reads.sites  # the one 1-element decision read per step
+    assert reads.count == 8 + 1, reads.sites  # the one 1-element decision read per step, and the summary
 
 
 @pytest.mark.parametrize("policy", ["norm", "zclip", "agc", "skip"])
@@ -385,7 +394,7 @@ def test_cuda_16_mixed_and_no_host_reads(policy):
     trainer = _trainer([GradientClipping(policy, **SMALL[policy])], accelerator="gpu", precision="16-mixed")
     with HostReadCounter() as reads:
         trainer.fit(Regressor(), _data())
-    assert reads.count == (8 if policy == "skip" else 0), reads.sites
+    assert reads.count == (8 if policy == "skip" else 0) + 1, reads.sites  # + the end-of-run summary
 
 
 class _AddingRNN(pl.LightningModule):
@@ -421,11 +430,14 @@ def _adding_run(policy: str | None, steps: int = 600, **kwargs) -> float:
 @pytest.mark.slow
 def test_exploding_rnn_needs_clipping():
     """Predicting the mean gives MSE 1/6 ~ 0.167: unclipped SGD diverges, norm and zclip clipping learn."""
-    results = {"none": _adding_run(None), "norm": _adding_run("norm", max_norm=1.0), "zclip": _adding_run("zclip")}
+    results = {"none": _adding_run(None), "norm": _adding_run("norm", max_norm=1.0),
+               "zclip": _adding_run("zclip", max_norm=1.0)}
     print(results)
     assert not results["none"] < 0.167, results  # NaN or worse than the constant prediction
     assert results["norm"] < 0.13, results
-    assert results["zclip"] < 0.13, results  # published defaults: alpha 0.97, z 2.5, 25 warm-up steps, max_norm 1.0
+    # the official code's settings: alpha 0.97, z 2.5, 25 warm-up steps and its cap max_norm=1.0; bpkit's default has
+    # no cap (calm steps untouched), and the z-score rule alone follows a norm that rises from the first step
+    assert results["zclip"] < 0.13, results
 
 
 CONF_POLICIES = ["norm", "value", "agc", "autoclip", "zclip", "skip"]

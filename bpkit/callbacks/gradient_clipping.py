@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 
 from bpkit.alert import Alert
-from bpkit.callbacks import _sink, _step_cache
+from bpkit.callbacks import _buffers, _cadence, _sink, _step_cache
 from bpkit.clip import POLICIES, ClipPolicy, make_policy
 from bpkit.errors import BpkitConfigError, check_choice, check_int
 from bpkit.stats import norms as _norms
@@ -28,18 +31,31 @@ class GradientClipping(Callback):
     accumulation, and also in manual optimization (where ``Trainer(gradient_clip_val=...)`` is not
     allowed), so truncated BPTT can clip too. When a :class:`~bpkit.callbacks.GradientMonitor` placed
     before it has published this step's norms, the total norm is reused, not recomputed; otherwise it
-    is computed in one fused pass. Nothing is read to the host except on logging steps, and for
-    ``policy="skip"`` one 1-element read per step to decide whether to drop the update.
+    is computed in one fused pass. Nothing is read to the host except on logging steps and once at the end of
+    training, and for ``policy="skip"`` one 1-element read per step to decide whether to drop the update
+    (a skipped step also puts back the module's buffers, e.g. BatchNorm running statistics, as they were
+    before that step's forward pass). Parameters added to the optimizer mid-run (``BackboneFinetuning``,
+    ``optimizer.add_param_group``) or unfrozen (``requires_grad`` turned on) are clipped from their first
+    gradient on.
 
-    Logged every ``log_every_n_steps`` optimizer steps (default: the Trainer's), through bpkit's sink:
-    ``clip/norm_pre`` and ``clip/norm_post`` (total gradient norm of that step before/after clipping),
-    ``clip/threshold`` (the norm, value or AGC factor above which the policy acts on that step) and
-    ``clip/clipped`` (fraction of optimizer steps since the last log that were clipped or skipped). With
-    several optimizers the keys end in ``/opt{i}``.
+    An intervention, not a monitor: it changes the gradients where its rule fires. ``zclip`` (no cap by
+    default) and ``skip`` act on outliers only and leave calm steps exactly as they are; ``norm`` and
+    ``value`` act wherever the bound you chose is exceeded, and ``agc``/``autoclip`` at their published
+    defaults act on most steps by design. The callback counts the steps it clipped (on the device), and at
+    the end of training writes a ``clip_summary`` entry to the run record and warns when it clipped more
+    than half of at least 20 steps: a bound below the typical gradient norm rescales every update.
+
+    Logged at the steps where Lightning logs the batch's ``train/*`` metrics (every ``log_every_n_steps``
+    batches, default: the Trainer's), through bpkit's sink: ``clip/norm_pre`` and ``clip/norm_post`` (total
+    gradient norm of that step before/after clipping), ``clip/threshold`` (the norm, value or AGC factor above
+    which the policy acts on that step), ``clip/clipped`` (fraction of optimizer steps since the last log that
+    were clipped or skipped) and ``clip/clipped_total`` (the same over the whole run). With several optimizers
+    the keys end in ``/opt{i}``.
 
     Args:
         policy: ``norm``, ``value``, ``agc``, ``autoclip``, ``zclip`` or ``skip`` (see :mod:`bpkit.clip`).
-        log_every_n_steps: logging interval in optimizer steps (>= 1); ``None`` uses the Trainer's; 0 logs nothing.
+        log_every_n_steps: logging interval in batches (>= 1), Lightning's rule; ``None`` uses the Trainer's;
+            0 logs no statistics (the end-of-run summary is still written).
         \**policy_kwargs: the policy's arguments, e.g. ``max_norm=1.0`` for ``norm``.
 
     Raises:
@@ -53,6 +69,12 @@ class GradientClipping(Callback):
 
         trainer = Trainer(callbacks=[GradientMonitor(), GradientClipping("zclip", z_thresh=2.5)])
     """
+
+    #: a run clipped "most steps" when more than this fraction of at least ``MIN_STEPS_TO_WARN`` steps was clipped
+    MOST_STEPS = 0.5
+    MIN_STEPS_TO_WARN = 20
+    #: how many pre-clip norms of log steps are kept for the typical (median) norm
+    KEEP_NORMS = 1024
 
     def __init__(self, policy: str = "norm", log_every_n_steps: int | None = None, **policy_kwargs: Any) -> None:
         self.policy = check_choice("policy", policy, POLICIES)
@@ -68,8 +90,13 @@ class GradientClipping(Callback):
         self._pending: dict[int, dict[str, Any]] = {}
         self._steps: dict[int, int] = {}  # optimizer steps seen, per optimizer
         self._since: dict[int, int] = {}  # steps since the last log
-        self._clipped: dict[int, torch.Tensor] = {}  # on-device count of clipped steps since the last log
-        self._orders: dict[int, list[torch.Tensor]] = {}
+        self._clipped: dict[int, torch.Tensor] = {}  # on-device count of clipped steps over the whole run
+        self._clipped_at_log: dict[int, int] = {}  # that count as read at the last log step (host)
+        self._log_norms: dict[int, deque[float]] = {}  # pre-clip total norms read at log steps (host)
+        self._bound: dict[int, torch.Tensor | float] = {}  # the last step's threshold (a device tensor, unread)
+        self._orders: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+        self._every: int | None = None
+        self._summary_due = False  # steps were taken in this fit and the summary is not written yet
 
     @property
     @override
@@ -89,6 +116,7 @@ class GradientClipping(Callback):
                 "None when the GradientClipping callback is used (two clippers would act on the same gradients); "
                 "remove it and use GradientClipping('norm', max_norm=...) or GradientClipping('value', clip_value=...)")
         self._orders = {}
+        self._every = None
         if self.policy == "agc":  # fail now on a model without parameters or a bad exclude name
             make_policy(self.policy, **self.policy_kwargs).bind(pl_module)
 
@@ -102,19 +130,28 @@ class GradientClipping(Callback):
         return policy
 
     def _order(self, pl_module: "pl.LightningModule", optimizer: Any) -> list[torch.Tensor]:
-        # the module's parameter order (as GradientMonitor publishes), so that the step cache hits
-        order = self._orders.get(id(optimizer))
-        if order is None:
-            in_opt = [p for group in optimizer.param_groups for p in group["params"]]
-            ids = {id(p) for p in in_opt}
-            order = [p for p in pl_module.parameters() if id(p) in ids]
-            seen = {id(p) for p in order}
-            order += [p for p in in_opt if id(p) not in seen]
-            self._orders[id(optimizer)] = order
+        """Every parameter of ``optimizer`` (frozen ones too: the per-step ``p.grad is not None`` filter picks the
+        ones with a gradient), in the module's order as GradientMonitor publishes, so that the step cache hits.
+
+        Rebuilt when the optimizer's parameter groups change (``add_param_group``, a group's list replaced or
+        grown): the key costs a loop over the groups, not over the parameters.
+        """
+        key = tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
+        cached = self._orders.get(id(optimizer))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        in_opt = [p for group in optimizer.param_groups for p in group["params"]]
+        ids = {id(p) for p in in_opt}
+        order = [p for p in pl_module.parameters() if id(p) in ids]
+        seen = {id(p) for p in order}
+        order += [p for p in in_opt if id(p) not in seen]
+        self._orders[id(optimizer)] = (key, order)
         return order
 
-    def _every(self, trainer: "pl.Trainer") -> int:
-        return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+    def _interval(self, trainer: "pl.Trainer") -> int:
+        if self._every is None:
+            self._every = _cadence.interval(trainer, self.log_every_n_steps, "bpkit GradientClipping")
+        return self._every
 
     @staticmethod
     def _total_norm(trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any,
@@ -125,6 +162,18 @@ class GradientClipping(Callback):
         if entry is not None:
             return entry.total, entry.total_host
         return _norms.total_norm(_norms.foreach_norms(grads, norm_type), norm_type), None
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._every = None
+        self._interval(trainer)  # warns now (once per Trainer) when log_every_n_steps=0 turns logging off
+        self._summary_due = False
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self.policy == "skip":  # a skipped step puts back what its forward pass did to the buffers
+            _buffers.save_for_skip(trainer, pl_module)
 
     @override
     @torch.no_grad()
@@ -144,8 +193,8 @@ class GradientClipping(Callback):
             raise BpkitConfigError("policy", "agc", "a policy other than agc with sharded (FSDP) parameters: "
                                                     "AGC's per-unit norms would need the full tensors")
         self._steps[index] = self._steps.get(index, 0) + 1
-        every = self._every(trainer)
-        log_now = every > 0 and self._steps[index] % every == 0
+        self._summary_due = True
+        log_now = _cadence.is_log_batch(trainer, self._interval(trainer))
 
         total, total_host = None, None
         if policy.needs_total_norm or log_now:
@@ -155,24 +204,29 @@ class GradientClipping(Callback):
         before = policy.state_dict() if self.policy == "skip" and trainer.world_size > 1 else None
         result = policy.apply(params, grads, total if policy.needs_total_norm else None)
 
-        flag = result.clipped.to(torch.float32)
+        flag = result.clipped
         if sharded is not None and not policy.needs_total_norm:  # value clipping: clipped on any shard
-            flag = sharded.any(result.clipped).to(torch.float32)
+            flag = sharded.any(result.clipped)
         if result.skip is not None:
-            skipped, here = self._maybe_skip(trainer, params, result)
+            skipped, here = self._maybe_skip(trainer, pl_module, params, result)
             if skipped and not here and before is not None:
                 # another rank skipped: fold this step as a skipped one (a non-finite norm is never folded)
                 policy.load_state_dict(before)
                 policy.apply(params, [], torch.full_like(result.norm_pre, float("nan")))
-            flag = torch.full_like(flag, float(skipped))  # the decision taken (across ranks), from the host
+            flag = torch.full_like(result.skip, skipped)  # the decision taken (across ranks), from the host
 
         count = self._clipped.get(index)
-        self._clipped[index] = flag if count is None else count.to(flag.device) + flag
+        if count is None or count.device != flag.device:
+            count = torch.zeros((), dtype=torch.int64, device=flag.device) if count is None else count.to(flag.device)
+            self._clipped[index] = count
+        count.add_(flag.to(torch.int64))  # the run's count of clipped steps: one tiny kernel, no read
+        self._bound[index] = result.threshold
         self._since[index] = self._since.get(index, 0) + 1
         if log_now:
             self._log(trainer, index, result, total, full_grads, policy.norm_type)
 
-    def _maybe_skip(self, trainer: "pl.Trainer", params: list[torch.Tensor], result: Any) -> tuple[bool, bool]:
+    def _maybe_skip(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", params: list[torch.Tensor],
+                    result: Any) -> tuple[bool, bool]:
         """(the decision agreed by all ranks, this rank's own wish)."""
         # the one host read of this policy: the decision, packed with what the alert needs
         values = readback({"skip": result.skip, "norm": result.norm_pre, "threshold": result.threshold})
@@ -183,16 +237,17 @@ class GradientClipping(Callback):
             return False, here
         for p in params:
             p.grad = None  # torch optimizers skip parameters without a gradient: no update, no state change
+        _buffers.restore_after_skip(pl_module)  # and the forward pass's changes to buffers (BatchNorm) are undone
         norm, threshold = float(values["norm"]), float(values["threshold"])
         if not here:
-            alert = Alert("spike", int(trainer.global_step), "total gradient norm", norm, threshold,
+            alert = Alert("spike", _cadence.batch_step(trainer), "total gradient norm", norm, threshold,
                           f"another rank's gradient norm was non-finite or an outlier (this rank's: {norm:.4g}): "
                           "this update was skipped on every rank")
         elif math.isfinite(norm):
-            alert = Alert("spike", int(trainer.global_step), "total gradient norm", norm, threshold,
+            alert = Alert("spike", _cadence.batch_step(trainer), "total gradient norm", norm, threshold,
                           f"gradient norm {norm:.4g} is an outlier (threshold {threshold:.4g}): this update was skipped")
         else:
-            alert = Alert("nonfinite", int(trainer.global_step), "total gradient norm", norm, threshold,
+            alert = Alert("nonfinite", _cadence.batch_step(trainer), "total gradient norm", norm, threshold,
                           f"gradient norm is {norm}: this update was skipped")
         self.alerts.append(alert)
         _sink.log_alert(trainer, alert)
@@ -204,13 +259,103 @@ class GradientClipping(Callback):
         norm_post = result.norm_post
         if norm_post is None:
             norm_post = _norms.total_norm(_norms.foreach_norms(grads, norm_type), norm_type)
-        fraction = self._clipped[index] / self._since[index]
         values = readback({"norm_pre": norm_pre, "norm_post": norm_post, "threshold": result.threshold,
-                           "clipped": fraction})
-        suffix = f"/opt{index}" if len(trainer.optimizers) > 1 else ""
-        _sink.log_scalars(trainer, {f"clip/{k}{suffix}": float(v) for k, v in values.items()}, trainer.global_step)
-        self._clipped[index] = torch.zeros_like(self._clipped[index])
+                           "count": self._clipped[index]})
+        count = int(values["count"])
+        since = self._since[index]
+        fraction = (count - self._clipped_at_log.get(index, 0)) / since
+        self._clipped_at_log[index] = count
         self._since[index] = 0
+        pre = float(values["norm_pre"])
+        if math.isfinite(pre):
+            self._log_norms.setdefault(index, deque(maxlen=self.KEEP_NORMS)).append(pre)
+        scalars = {"norm_pre": pre, "norm_post": float(values["norm_post"]), "threshold": float(values["threshold"]),
+                   "clipped": fraction, "clipped_total": count / max(self._steps[index], 1)}
+        suffix = f"/opt{index}" if len(trainer.optimizers) > 1 else ""
+        _sink.log_scalars(trainer, {f"clip/{k}{suffix}": v for k, v in scalars.items()}, _cadence.batch_step(trainer))
+
+    # ---------------------------------------------------------------- the end-of-run summary
+
+    def _bound_text(self, bound: float | None) -> str:
+        kwargs = make_policy(self.policy, **self.policy_kwargs).config()
+        b = "unknown" if bound is None else f"{bound:.4g}"
+        if self.policy == "autoclip":
+            return f"the {kwargs['percentile']:g}th percentile of recent norms, {b}"
+        if self.policy == "agc":
+            return f"clip_factor={kwargs['clip_factor']:g} of each unit's weight norm"
+        if self.policy == "value":
+            return f"clip_value={kwargs['clip_value']:g} per element"
+        if self.policy == "norm" or (self.policy == "zclip" and kwargs.get("max_norm") is not None
+                                     and bound is not None and bound >= kwargs["max_norm"]):
+            return f"max_norm={kwargs['max_norm']:g}"
+        return b
+
+    def _message(self, steps: int, clipped: int, typical: float | None, bound: float | None) -> str:
+        """The plain warning of a run that clipped (or skipped) most of its steps."""
+        pct = round(100 * clipped / steps)
+        typ = "unknown: no log step" if typical is None else f"{typical:.4g}"
+        head = f"bpkit GradientClipping({self.policy}): "
+        if self.policy == "skip":
+            return (head + f"skipped {pct}% of {steps} steps: the threshold ({self._bound_text(bound)}) is below the "
+                    f"typical gradient norm ({typ}) or the gradients are non-finite; most updates are dropped, not "
+                    "only spikes. Raise z_thresh, find where the non-finite values start (GradientMonitor), or remove "
+                    "the callback.")
+        remedy = {
+            "norm": "Raise max_norm, use policy='zclip' without a cap, or remove the callback.",
+            "zclip": "Raise max_norm or set max_norm=None (the z-score rule alone acts on spikes only), or remove "
+                     "the callback.",
+            "value": "Raise clip_value, use policy='zclip' without a cap, or remove the callback.",
+            "agc": "Raise clip_factor (the published 0.01 suits batches of thousands), use policy='zclip' without a "
+                   "cap, or remove the callback.",
+            "autoclip": "Raise percentile (the published 10 clips about 90% of steps by design), use policy='zclip' "
+                        "without a cap, or remove the callback.",
+        }[self.policy]
+        typical_of = "gradient-to-weight ratio" if self.policy == "agc" else \
+            "largest gradient element" if self.policy == "value" else "gradient norm"
+        typ_text = f" (total norm {typ})" if self.policy in ("agc", "value") else f" ({typ})"
+        return (head + f"clipped {pct}% of {steps} steps: the bound ({self._bound_text(bound)}) is below the typical "
+                f"{typical_of}{typ_text}; this rescales every update, not only spikes. {remedy}")
+
+    def _write_summary(self, trainer: "pl.Trainer") -> None:
+        """One ``clip_summary`` record entry per optimizer (one host read for all), and the warning when most
+        steps were clipped."""
+        if not self._summary_due:
+            return
+        self._summary_due = False
+        indices = sorted(i for i in self._steps if self._steps[i] > 0)
+        if not indices:
+            return
+        tensors = {f"count{i}": self._clipped[i] for i in indices if i in self._clipped}
+        tensors.update({f"bound{i}": torch.as_tensor(self._bound[i]) for i in indices
+                        if isinstance(self._bound.get(i), torch.Tensor)})
+        values = readback(tensors) if tensors else {}
+        step = _cadence.batch_step(trainer)
+        for i in indices:
+            steps = self._steps[i]
+            clipped = int(values[f"count{i}"]) if f"count{i}" in values else 0
+            bound = float(values[f"bound{i}"]) if f"bound{i}" in values else self._bound.get(i)
+            bound = bound if isinstance(bound, float) and math.isfinite(bound) else None
+            norms = self._log_norms.get(i)
+            typical = float(statistics.median(norms)) if norms else None
+            fraction = clipped / steps
+            message = self._message(steps, clipped, typical, bound) if fraction > self.MOST_STEPS else None
+            data = {"policy": self.policy, "optimizer": i, "steps": steps, "clipped": clipped, "fraction": fraction,
+                    "typical_norm": typical, "bound": bound, "message": message}
+            _sink.log_record(trainer, "clip_summary", step, data)
+            if message is not None and steps >= self.MIN_STEPS_TO_WARN and getattr(trainer, "is_global_zero", True):
+                warnings.warn(message, UserWarning, stacklevel=2)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._write_summary(trainer)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._write_summary(trainer)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._write_summary(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -222,7 +367,10 @@ class GradientClipping(Callback):
             "policies": policies,
             "steps": dict(self._steps),
             "since": dict(self._since),
-            "clipped": {i: t.detach().clone() for i, t in self._clipped.items()},
+            "clipped_total": {i: t.detach().clone() for i, t in self._clipped.items()},
+            "clipped_at_log": dict(self._clipped_at_log),
+            "log_norms": {i: list(d) for i, d in self._log_norms.items()},
+            "alerts": [a.to_dict() for a in self.alerts],
         }
 
     @override
@@ -234,4 +382,13 @@ class GradientClipping(Callback):
         self._pending = dict(state_dict.get("policies", {}))
         self._steps = dict(state_dict.get("steps", {}))
         self._since = dict(state_dict.get("since", {}))
-        self._clipped = dict(state_dict.get("clipped", {}))
+        if "clipped_total" in state_dict:
+            self._clipped = {i: torch.as_tensor(t).to(torch.int64).clone()
+                             for i, t in state_dict["clipped_total"].items()}
+            self._clipped_at_log = dict(state_dict.get("clipped_at_log", {}))
+        else:  # a checkpoint of an older bpkit: it kept the count since the last log only
+            self._clipped = {i: torch.as_tensor(t).round().to(torch.int64)
+                             for i, t in state_dict.get("clipped", {}).items()}
+            self._clipped_at_log = {}
+        self._log_norms = {i: deque(v, maxlen=self.KEEP_NORMS) for i, v in state_dict.get("log_norms", {}).items()}
+        self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]

@@ -36,6 +36,12 @@ class AGC(ClipPolicy):
     processed together (small tensors of one unit shape are stacked: one norm and one scaling per group
     instead of kernels per tensor); a large tensor is processed on a view of itself, without a copy.
 
+    Not a spike filter: the published ``clip_factor=0.01`` was tuned for NFNets at batch sizes of thousands;
+    with small batches the gradient-to-weight ratio of some unit exceeds it on nearly every step (measured on
+    calm Adam runs of a small MLP and LSTM: 100% of steps had a clipped unit, see
+    ``benchmarks/results/clipping.md``). Raise ``clip_factor`` (the paper uses larger values for smaller batches)
+    when only outliers should be clipped.
+
     Args:
         clip_factor: the largest allowed ratio of gradient norm to weight norm per unit (> 0), default 0.01.
         eps: the smallest weight norm used (>= 0), so that zero-initialised units can still move; default 1e-3.

@@ -28,11 +28,15 @@ class ZClip(ClipPolicy):
     - ``mode="percentile"``: clipped to ``mu + z_thresh * sigma`` whenever ``g`` exceeds it.
 
     The EMA (``alpha``) is then updated with the clipped norm, so a spike does not inflate the statistics.
-    The first ``warmup_steps`` norms only initialise the mean and variance; during warm-up the gradients
-    are clipped to ``max_norm`` only, which also caps the threshold afterwards (1.0 by default, as in the
-    official code; ``None`` turns it off and leaves only the adaptive rule). A non-finite norm leaves the
-    gradients and the statistics untouched (pair with a GradientMonitor action or ``skip`` to handle it).
-    The adaptive rule alone does not stop a steady blow-up (the EMA follows a rising norm); keep the cap.
+    The first ``warmup_steps`` norms only initialise the mean and variance: nothing is clipped during warm-up
+    (there is no statistic to compare with yet). bpkit's default is the adaptive rule alone
+    (``max_norm=None``): calm steps are left exactly as they are (a factor of exactly 1), only outliers are
+    pulled back. ``max_norm`` adds a fixed cap on the total norm (also during warm-up), as in the official
+    code's default of 1.0; choose it from the norms you observe (``clip/norm_pre``): a cap below the typical
+    norm rescales every update, not only spikes. The adaptive rule follows a steadily rising norm (the EMA
+    moves with it): pair it with a cap or a GradientMonitor alert if a slow blow-up is the concern. A
+    non-finite norm leaves the gradients and the statistics untouched (pair with a GradientMonitor action or
+    ``skip`` to handle it).
 
     Args:
         alpha: EMA smoothing factor in (0, 1), default 0.97.
@@ -40,7 +44,8 @@ class ZClip(ClipPolicy):
         warmup_steps: steps whose norms initialise the statistics (>= 1), default 25.
         mode: ``zscore`` or ``percentile``.
         clip_option: ``adaptive_scaling`` or ``mean`` (``zscore`` mode only).
-        max_norm: fixed upper bound on the total norm (> 0), also applied during warm-up; default 1.0; ``None``: off.
+        max_norm: fixed upper bound on the total norm (> 0), also applied during warm-up; default ``None``: no
+            cap, only the z-score rule acts (the official code uses 1.0).
         eps: added to the standard deviation in the z-score.
 
     Raises:
@@ -50,7 +55,7 @@ class ZClip(ClipPolicy):
 
         >>> import torch
         >>> p = torch.nn.Parameter(torch.zeros(1))
-        >>> zc = ZClip(warmup_steps=3, max_norm=None)
+        >>> zc = ZClip(warmup_steps=3)
         >>> for g in [1.0, 1.1, 0.9, 1.0, 50.0]:
         ...     p.grad = torch.tensor([g])
         ...     res = zc.clip_([p])
@@ -61,7 +66,7 @@ class ZClip(ClipPolicy):
     name = "zclip"
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, mode: str = "zscore",
-                 clip_option: str = "adaptive_scaling", max_norm: float | None = 1.0, eps: float = 1e-6) -> None:
+                 clip_option: str = "adaptive_scaling", max_norm: float | None = None, eps: float = 1e-6) -> None:
         self.alpha = check_float("alpha", alpha, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
         self.z_thresh = check_float("z_thresh", z_thresh, 0.0, low_inclusive=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
@@ -73,9 +78,12 @@ class ZClip(ClipPolicy):
 
     def apply(self, params: list[torch.Tensor], grads: list[torch.Tensor], total: torch.Tensor | None) -> ClipResult:
         total = total.detach().float()
-        cap = as_device_tensor(float("inf") if self.max_norm is None else self.max_norm, total)
+        cap = None if self.max_norm is None else as_device_tensor(self.max_norm, total)
         if not self.stats.ready:
             self.stats.warmup(total)
+            if cap is None:  # no statistics yet and no cap: nothing to clip to, the gradients are left alone
+                return ClipResult(total, total, torch.full_like(total, float("inf")),
+                                  torch.zeros_like(total, dtype=torch.bool))
             coef = scale_grads_(grads, total, cap)  # plain clip_grad_norm_ to max_norm, as published
             return ClipResult(total, total * coef, cap, coef < 1.0)
         mean, std = self.stats.mean, self.stats.std()
@@ -90,9 +98,10 @@ class ZClip(ClipPolicy):
                 else mean
             limit = mean + self.z_thresh * (std + self.eps)  # where z crosses z_thresh: logged as the threshold
         clip_val = torch.where(spike, target, total)
-        coef = scale_grads_(grads, total, torch.minimum(clip_val, cap), strict=True)
+        bound = clip_val if cap is None else torch.minimum(clip_val, cap)
+        coef = scale_grads_(grads, total, bound, strict=True)
         self.stats.update(clip_val, keep=torch.isfinite(total))
-        return ClipResult(total, total * coef, torch.minimum(limit, cap), coef < 1.0)
+        return ClipResult(total, total * coef, limit if cap is None else torch.minimum(limit, cap), coef < 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return self.stats.state_dict()
