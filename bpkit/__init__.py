@@ -3,5 +3,5 @@
 from bpkit.alert import ALERT_KINDS, Alert
 from bpkit.errors import BpkitConfigError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ALERT_KINDS", "Alert", "BpkitConfigError", "__version__"]

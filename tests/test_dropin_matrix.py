@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bpkit.callbacks import ActivationMonitor, GradientCheck, GradientClipping, GradientMonitor, RunRecord
 from bpkit.report.cli import main as report_main
 from bpkit.tbptt import TBPTTModule
-from tests._helpers import MemoryLogger
+from tests._helpers import MemoryLogger, TwoOptimizerGAN
 
 
 def _data(n=48, d=8, classes=3, batch=8, seed=1):
@@ -77,40 +77,6 @@ class Manual(Plain):
         self.log("train_loss", loss)
 
 
-class TwoOptimizers(LightningModule):
-    """Lightning's GAN example in miniature: manual optimization, two optimizers, ``d_loss``/``g_loss``."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.automatic_optimization = False
-        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
-
-    def training_step(self, batch, batch_idx):
-        real, _ = batch
-        opt_g, opt_d = self.optimizers()
-        z = torch.randn(real.shape[0], 4)
-        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
-        g_loss = F.binary_cross_entropy_with_logits(self.discriminator(self.generator(z)), ones)
-        opt_g.zero_grad()
-        self.manual_backward(g_loss)
-        opt_g.step()
-        fake = self.generator(z).detach()
-        d_loss = (F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
-                  + F.binary_cross_entropy_with_logits(self.discriminator(fake), zeros)) / 2
-        opt_d.zero_grad()
-        self.manual_backward(d_loss)
-        opt_d.step()
-        self.log_dict({"g_loss": g_loss, "d_loss": d_loss})
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.generator.parameters(), 1e-3), torch.optim.Adam(self.discriminator.parameters(), 1e-3)
-
-    def train_dataloader(self):
-        return _data()
-
-
 class Finetune(LightningModule):
     def __init__(self):
         super().__init__()
@@ -165,7 +131,7 @@ class Compiled(Plain):
 SCENARIOS = {
     "plain (casts, BatchNorm, dropout)": (Plain, {}, "train_loss"),
     "manual optimization": (Manual, {}, "train_loss"),
-    "two optimizers (GAN)": (TwoOptimizers, {}, "d_loss"),
+    "two optimizers (GAN)": (TwoOptimizerGAN, {}, "d_loss"),
     "BackboneFinetuning": (Finetune, {"extra": lambda: [BackboneFinetuning(1, lambda epoch: 1.0)], "max_epochs": 3},
                            "train_loss"),
     "gradient accumulation": (Plain, {"accumulate_grad_batches": 2}, "train_loss"),

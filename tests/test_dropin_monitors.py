@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bpkit.callbacks import ActivationMonitor, GradientMonitor
-from tests._helpers import MemoryLogger
+from tests._helpers import MemoryLogger, TwoOptimizerGAN
 
 
 def _data(n=64, d=8, classes=3, batch=8, seed=1, nan_batch=None):
@@ -72,46 +72,12 @@ def test_statistics_land_at_the_step_of_the_batchs_train_loss():
     assert sorted(logger.series("act/mean/net.1")) == loss_steps
 
 
-class GAN(LightningModule):
-    """Manual optimization with two optimizers, as Lightning's basic GAN example: each batch steps both."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.automatic_optimization = False
-        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
-
-    def training_step(self, batch, batch_idx):
-        real, _ = batch
-        opt_g, opt_d = self.optimizers()
-        z = torch.randn(real.shape[0], 4)
-        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
-        bce = nn.functional.binary_cross_entropy_with_logits
-        g_loss = bce(self.discriminator(self.generator(z)), ones)
-        opt_g.zero_grad()
-        self.manual_backward(g_loss)
-        opt_g.step()
-        d_loss = (bce(self.discriminator(real), ones) + bce(self.discriminator(self.generator(z).detach()), zeros)) / 2
-        opt_d.zero_grad()
-        self.manual_backward(d_loss)
-        opt_d.step()
-        self.log_dict({"g_loss": g_loss, "d_loss": d_loss})
-
-    def configure_optimizers(self):
-        return (torch.optim.Adam(self.generator.parameters(), lr=1e-3),
-                torch.optim.Adam(self.discriminator.parameters(), lr=1e-3))
-
-    def train_dataloader(self):
-        return _data(n=200, batch=2)
-
-
 def test_manual_optimization_with_two_optimizers_logs_both_at_lightnings_default_interval():
     logger = MemoryLogger()
     trainer = Trainer(accelerator="cpu", callbacks=[GradientMonitor(), ActivationMonitor()], logger=logger,
                       max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False)  # Lightning's default log_every_n_steps=50
-    trainer.fit(GAN())
+    trainer.fit(TwoOptimizerGAN(n=200, batch=2))
     assert trainer.global_step == 200  # two optimizer steps per batch
     assert sorted(logger.series("d_loss")) == [49, 99]
     for key in ("grad/opt0/norm_total", "grad/opt1/norm_total", "act/mean/generator.1",
@@ -314,3 +280,17 @@ def test_a_record_cut_mid_line_does_not_swallow_the_next_runs_first_entry(tmp_pa
     assert lines[1] == '{"type": "sca'  # the cut line stays as it was, alone on its line
     assert all(json.loads(line) for line in lines[2:])
     assert any(json.loads(line)["type"] == "scalars" for line in lines[2:])
+
+
+def test_a_constant_but_nonzero_input_is_not_called_unused():
+    class Saturated(WithCovariates):
+        """The covariate branch gets the same non-zero input for every sample (like a saturated RNN state)."""
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            cov = torch.ones(x.shape[0], 3)
+            return nn.functional.cross_entropy(self.head(self.encoder(x) + self.covariates(cov)), y)
+
+    grad_mon, act_mon = GradientMonitor(), ActivationMonitor(patience=1)
+    _trainer([grad_mon, act_mon], max_steps=16, log_every_n_steps=4).fit(Saturated())
+    assert not [a for a in grad_mon.alerts + act_mon.alerts if a.kind == "unused"]

@@ -92,7 +92,8 @@ class ActivationMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
         self._interval = 50
         self._stepped = False  # an optimizer stepped during the current batch
-        self._spread: dict[str, torch.Tensor] = {}  # per module: how much its input differs between samples
+        # per module: how much its input differs between samples, and its largest |input|
+        self._spread: dict[str, torch.Tensor] = {}
         self._unused: set[str] = set()
         self._order: list[str] = []  # the modules measured on this log step, in the order they ran
         self.histograms = check_bool("histograms", histograms)
@@ -226,10 +227,10 @@ class ActivationMonitor(Callback):
     def _note_spread(self, name: str, inputs: Any) -> None:
         """How much the module's input differs between the samples of the batch (0: the same for all)."""
         x = output_tensor(inputs)
-        if x is None or x.dim() == 0 or x.shape[0] < 2:
-            spread = torch.ones((), device=x.device if x is not None else "cpu")  # unknown: counts as varying
+        if x is None or x.dim() == 0 or x.shape[0] < 2:  # unknown: counts as varying and non-zero
+            spread = torch.ones(2, dtype=torch.float64, device=x.device if x is not None else "cpu")
         else:
-            spread = (x - x[:1]).abs().amax().to(torch.float64)
+            spread = torch.stack([(x - x[:1]).abs().amax(), x.abs().amax()]).to(torch.float64)
         prev = self._spread.get(name)
         if prev is None:
             self._order.append(name)
@@ -263,7 +264,7 @@ class ActivationMonitor(Callback):
         if self._grad is not None:
             parts.append(self._grad.packed(pl_module.device))
         spread_names = [n for n in self._names if n in self._spread]
-        parts.append(torch.stack([self._spread[n].to(pl_module.device, torch.float64) for n in spread_names])
+        parts.append(torch.cat([self._spread[n].to(pl_module.device, torch.float64) for n in spread_names])
                      if spread_names else torch.zeros(0, dtype=torch.float64, device=pl_module.device))
         self._spread = {}
         packed = torch.cat([p.to(torch.float64) for p in parts])
@@ -277,7 +278,7 @@ class ActivationMonitor(Callback):
         acts = self._act.summarize(host[:split], one_batch_over_ranks=summed)
         grads = self._grad.summarize(host[split:split_grad], one_batch_over_ranks=summed) \
             if self._grad is not None else {}
-        constant = self._constant_input(spread_names, host[split_grad:].tolist(), acts)
+        constant = self._constant_input(spread_names, host[split_grad:].reshape(-1, 2), acts)
         if self._grad is not None:
             self._grad.reset()
 
@@ -300,16 +301,23 @@ class ActivationMonitor(Callback):
             self.alerts.append(alert)
             _sink.log_alert(trainer, alert)
 
-    def _constant_input(self, names: list[str], spreads: list[float], acts: dict[str, ModuleStats]) -> list[str]:
-        """The modules whose input was the same for every sample, in call order, up to the first module that is
-        dead on a varying input: what comes after a dead layer is starved by it, not unused by the data."""
+    def _constant_input(self, names: list[str], spreads: Any, acts: dict[str, ModuleStats]) -> list[str]:
+        """The modules unused by this data, in call order: an input that is all zeros, and after such a module,
+        the modules whose input is the same for every sample (an activation of the zero-input layer's bias).
+        A constant input that is not downstream of a zero one (a saturated RNN state) is left to the other
+        rules, and so is everything after a layer that is dead on a varying input: it is starved by that layer."""
         order, self._order = self._order, []
-        constant = {n for n, v in zip(names, spreads) if v == 0.0}
-        out = []
+        zero = {n for n, (_, top) in zip(names, spreads) if top == 0.0}
+        constant = {n for n, (spread, _) in zip(names, spreads) if spread == 0.0}
+        out: list[str] = []
+        follows_unused = False
         for name in order:
-            if name in constant:
+            if name in zero or (follows_unused and name in constant):
                 out.append(name)
-            elif name in acts and acts[name].dead_frac > self.rules.dead_threshold:
+                follows_unused = True
+                continue
+            follows_unused = False
+            if name in acts and acts[name].dead_frac > self.rules.dead_threshold:
                 break
         return out
 
@@ -317,8 +325,8 @@ class ActivationMonitor(Callback):
         if not names:
             return []
         self._unused.update(names)
-        message = (f"unused modules: {', '.join(names)} get the same input for every sample of the batch (all zeros: "
-                   "for example covariates or features this data does not have, or a dead layer upstream), so they "
+        message = (f"unused modules: {', '.join(names)} get an all-zero input (for example covariates or features "
+                   "this data does not have), or only what such a module outputs, the same for every sample: they "
                    "carry nothing from the data and their units look dead. This is not a dead-ReLU problem (LeakyReLU "
                    "or another initialisation will not change it): feed these inputs, or remove the layers.")
         return [Alert("unused", int(step), ", ".join(names), 0.0, 0.0, message)]
