@@ -346,7 +346,8 @@ def _progress() -> Any:
     class _Progress(pl.Callback):
         start: int | None = None
 
-        @override
+        # no @override here: under `python -m bpkit.train` a joblib worker rebuilds this function from __main__
+        # by value, and a global used only inside a nested class body is not carried along (NameError)
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self.start = trainer.global_step
 

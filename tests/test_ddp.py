@@ -29,7 +29,7 @@ def main(out: str, mode: str) -> None:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from bpkit.callbacks import ActivationMonitor, GradientClipping, GradientMonitor
+    from bpkit.callbacks import ActivationMonitor, GradientCheck, GradientClipping, GradientMonitor
     from bpkit.callbacks.run_record import RunRecord
 
     torch.set_num_threads(1)
@@ -104,8 +104,9 @@ def main(out: str, mode: str) -> None:
             json.dump(result, f)
         return result
 
+    # all five callbacks: GradientCheck checks each rank's batch on a copy and must not change the run
     fit("match", [GradientMonitor(histogram_every_n_steps=1), ActivationMonitor(gradients=True), GradientClipping("norm", max_norm=0.05),
-                  RunRecord()])
+                  GradientCheck(), RunRecord()])
     if mode == "single":
         return
     fit("stop", [GradientMonitor(on_nonfinite="stop")], nan_at=2)
@@ -157,7 +158,11 @@ def test_every_callback_matches_one_process_and_only_rank0_writes(runs):
     for step in want:
         assert set(got[step]) == set(want[step])
         for key, value in want[step].items():
+            if key.startswith("gradcheck/"):  # timing, and the check runs on each rank's own part of the batch
+                continue
             assert got[step][key] == pytest.approx(value, rel=2e-5, abs=1e-7), (step, key)
+    for record in (single, ddp):  # GradientCheck ran (and passed) without changing anything compared above
+        assert [e["data"]["passed"] for e in record if e["type"] == "gradcheck"] == [True]
     assert want[0]["clip/clipped"] == 1.0 and want[0]["clip/norm_post"] == pytest.approx(0.05, rel=1e-4)
     hist_want, hist_got = _by_step(single, "histograms"), _by_step(ddp, "histograms")
     assert sorted(hist_got) == sorted(hist_want) and hist_want

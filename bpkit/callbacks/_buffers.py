@@ -37,6 +37,8 @@ class BufferGuard:
         self._buffers: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
         self._key: Any = None
+        self._module_id = 0  # an id, not the module: the guard lives in a WeakKeyDictionary keyed by it
+        self._saves = 0
 
     def save(self, module: torch.nn.Module, key: Any) -> None:
         """Copy the buffers once per ``key`` (the first call of an optimizer window; later calls with the same
@@ -44,10 +46,15 @@ class BufferGuard:
         if key == self._key:
             return
         self._key = key
-        buffers = [b for b in module.buffers() if b is not None]
-        if len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers)):
-            self._buffers = buffers
-            self._saved = [torch.empty_like(b) for b in buffers]
+        # walking the module tree costs more than copying a few small buffers: walk on the first save, then
+        # every 64th (a buffer replaced by a new tensor in between is simply not restored: it is fresh anyway)
+        if self._module_id != id(module) or self._saves % 64 == 0:
+            self._module_id = id(module)
+            buffers = [b for b in module.buffers() if b is not None]
+            if len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers)):
+                self._buffers = buffers
+                self._saved = [torch.empty_like(b) for b in buffers]
+        self._saves += 1
         if self._buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self._saved, self._buffers)
