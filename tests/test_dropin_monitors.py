@@ -294,3 +294,25 @@ def test_a_constant_but_nonzero_input_is_not_called_unused():
     grad_mon, act_mon = GradientMonitor(), ActivationMonitor(patience=1)
     _trainer([grad_mon, act_mon], max_steps=16, log_every_n_steps=4).fit(Saturated())
     assert not [a for a in grad_mon.alerts + act_mon.alerts if a.kind == "unused"]
+
+
+def test_callbacks_deep_copied_by_a_library_still_leave_their_alerts_in_the_record(tmp_path):
+    import copy
+
+    from bpkit.callbacks import GradientCheck, GradientClipping, RunRecord
+    from bpkit.report import read_run
+
+    class NaNAt2(Classifier):
+        def on_after_backward(self):
+            if self.global_step == 2:
+                self.net[0].weight.grad[0, 0] = float("nan")
+
+    mine = [GradientMonitor(), ActivationMonitor(), GradientClipping("zclip"), GradientCheck(), RunRecord()]
+    assert all(c.alerts == [] for c in mine)  # every callback has .alerts
+    given = copy.deepcopy(mine)  # what neuralforecast does with the callbacks it is handed
+    trainer = _trainer(given, max_steps=4, default_root_dir=tmp_path)
+    trainer.fit(NaNAt2())
+    assert all(c.alerts == [] for c in mine)  # the user's objects never saw the run...
+    copy_of_monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
+    assert [a.kind for a in copy_of_monitor.alerts] == ["nonfinite"]  # ...the copies did
+    assert [(a["kind"], a["step"]) for a in read_run(tmp_path).alerts] == [("nonfinite", 2)]  # and the record
