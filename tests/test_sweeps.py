@@ -24,43 +24,13 @@ def test_recipe_sweep_runs_end_to_end(tmp_path):
     assert {o for r in rows for o in r["overrides"] if o.startswith("model.activation")} == {
         "model.activation=sigmoid", "model.activation=relu"}
     assert "bpkit sweep: 2 jobs" in proc.stdout
+    assert sum(ln.startswith("  * #") for ln in proc.stdout.splitlines()) == 1, "the best job is marked"
     for job in ("0", "1"):
         assert len(_offline_runs(sweep / job)) == 1
 
 
-def test_failing_job_keeps_the_others_and_is_reported(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = bpkit_train(["-m", *FAST, "logger=csv", "model.depth=2,-1,3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    rows = _summary(sweep)
-    assert [r["status"] for r in rows] == ["completed", "failed", "completed"]
-    assert "model.depth=-1 is invalid" in rows[1]["error"]
-    assert "bpkit sweep: job #1 FAILED" in proc.stdout
-    for job in ("0", "2"):
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
-
-
-@pytest.mark.slow
-def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = bpkit_train(["-m", "hydra/launcher=local_parallel", *FAST, "logger=csv", "model.depth=2,3",
-                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _summary(sweep)
-    assert a["status"] == b["status"] == "completed"
-    assert a["start"] < b["end"] and b["start"] < a["end"], "the two jobs overlapped in time"
-
-
-@pytest.mark.slow
-def test_optuna_sweeper_runs_two_trials(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = bpkit_train(["-m", "hparams_search=optuna_lr", "hydra.sweeper.n_trials=2", *FAST, "logger=csv",
-                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _summary(sweep)
-    assert len(rows) == 2 and all(r["status"] == "completed" and r["value"] is not None for r in rows)
-    assert any(o.startswith("optimizer.lr=") for o in rows[0]["overrides"])
-    assert "Best parameters" in proc.stdout + proc.stderr
+# The failing job, the joblib launcher and the Optuna sweeper run with the default sweep directory in
+# tests/test_sweeps_defaults.py.
 
 
 def test_slurm_and_joblib_launchers_and_optuna_compose():
