@@ -56,3 +56,51 @@ def test_report_renders_in_headless_chromium(tmp_path):
     blank.write_text("<!DOCTYPE html><html><body></body></html>")
     empty = _screenshot(blank, tmp_path / "blank.png", height=600)
     assert empty.std() < 0.01  # the measure tells a blank page from the report
+
+
+def _real(root, depth, activation, steps):
+    import torch
+
+    from bpkit.callbacks import ActivationMonitor, GradientMonitor, RunRecord
+    from bpkit.data import DigitsDataModule
+    from bpkit.models import MLP
+    from tests.test_report import _fit
+
+    torch.manual_seed(0)
+    _fit(root, MLP(64, 10, depth=depth, width=48, activation=activation), DigitsDataModule(batch_size=64),
+         [GradientMonitor(histogram_every_n_steps=10), ActivationMonitor(), RunRecord()], steps=steps, val_every=20)
+    return root
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary: install it with `apt-get install -y chromium`")
+def test_screenshots_of_a_healthy_a_vanishing_a_diverging_run_and_a_sweep(tmp_path):
+    """The screenshots in docs/img: written there when BPKIT_UPDATE_SCREENSHOTS=1, else into tmp_path; each one
+    must show a painted page (not blank) with the report's figures."""
+    import os
+    import shutil as sh
+    from pathlib import Path
+
+    from tests.test_report_broken_runs import _job, write_diverging
+
+    healthy = _real(tmp_path / "healthy", 3, "relu", 60)
+    vanishing = _real(tmp_path / "vanishing", 20, "sigmoid", 60)
+    diverging = write_diverging(tmp_path / "diverging", steps=300)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    shared = ["recipe=vanishing_depth", "trainer.max_steps=40"]
+    for name, act, acc, l0, l1 in (("0", "sigmoid", 0.1, 2.31, 2.30), ("1", "relu", 0.9, 2.3, 0.3),
+                                   ("2", "tanh", 0.7, 2.3, 0.8)):
+        _job(sweep, name, shared + [f"model.activation={act}", "model.depth=16"], acc, l0, l1)
+    out = Path(__file__).resolve().parents[1] / "docs" / "img" if os.environ.get("BPKIT_UPDATE_SCREENSHOTS") \
+        else tmp_path / "img"
+    out.mkdir(parents=True, exist_ok=True)
+    expect = {"healthy": "No problems found", "vanishing": "Vanishing gradients",
+              "diverging": "after the NaN at step 22", "sweep": "&#9733; best"}
+    for name, root in (("healthy", healthy), ("vanishing", vanishing), ("diverging", diverging), ("sweep", sweep)):
+        html = write_report(root)
+        assert expect[name] in html.read_text(), name
+        img = _screenshot(html, tmp_path / f"{name}.png", height=2000)
+        ink = (img.mean(axis=2) < 0.9).mean()  # not the page's background: text, boxes, figures
+        assert img.std() > 0.05 and ink > 0.03, (name, img.std(), ink)
+        sh.copy(tmp_path / f"{name}.png", out / f"report_{name}.png")

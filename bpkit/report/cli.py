@@ -33,11 +33,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bpkit.report.findings import diagnose, summary_line
     from bpkit.report.record import read_run
-    from bpkit.report.write import is_multirun, write_report
+    from bpkit.report.write import REPORT_NAME, collect_jobs, is_multirun, several_runs, write_report
 
     try:
+        several = several_runs(args.run_dir)
         path = write_report(args.run_dir, args.out)
-        if is_multirun(args.run_dir):
+        if several:  # never one run silently picked among several: each listed, each reported, and a comparison
+            jobs = collect_jobs(args.run_dir)
+            print(f"{len(jobs)} runs found under {args.run_dir}; the report of each and a comparison ({path}):")
+            for job in jobs:
+                line = summary_line(job.findings, job.run) if job.run is not None else job.error
+                print(f"  {job.path / REPORT_NAME if job.run is not None else job.path}: {line}")
+        elif is_multirun(args.run_dir):
             print(path)
         else:
             run = read_run(args.run_dir)

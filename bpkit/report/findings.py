@@ -39,6 +39,9 @@ class Finding:
         remedies: what to try, most promising first.
         where: the affected parameter or module names.
         steps: ``(first, last)`` optimizer step at which it was seen.
+        after: the step of the first NaN/Inf when this finding is a consequence of it (vanishing, dead units, a
+            stalled or exploding loss seen after the run became non-finite): it is shown under the NaN finding,
+            not as a problem of its own; ``None`` for a root problem.
     """
 
     kind: str
@@ -48,13 +51,15 @@ class Finding:
     remedies: list[str] = field(default_factory=list)
     where: list[str] = field(default_factory=list)
     steps: tuple[int, int] | None = None
+    after: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def text(self) -> str:
         """The finding as plain text (console, ``wandb.alert``)."""
-        lines = [f"{self.title}: {self.summary}"]
+        head = f"After the NaN at step {self.after}: " if self.after is not None else ""
+        lines = [f"{head}{self.title}: {self.summary}"]
         lines += [f"  - {e}" for e in self.evidence]
         lines += [f"  {i}. {r}" for i, r in enumerate(self.remedies, 1)]
         return "\n".join(lines)
@@ -176,6 +181,23 @@ def _steps(alerts: list[dict[str, Any]]) -> tuple[int, int]:
     return min(s), max(s)
 
 
+def plural(n: int, word: str) -> str:
+    """``"1 alert"``, ``"3 alerts"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def count_span(n: int, what: str, first: int, last: int) -> str:
+    """``"1 vanishing alert at step 10"``, ``"5 vanishing alerts between steps 10 and 50"``."""
+    at = f"at step {first}" if first == last else f"between steps {first} and {last}"
+    return f"{plural(n, what)} {at}"
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, with an ellipsis when it was longer."""
+    text = str(text)
+    return text if len(text) <= width else text[:width - 1].rstrip() + "\u2026"
+
+
 def _fmt(v: float) -> str:
     return f"{v:.3g}" if math.isfinite(v) else str(v)
 
@@ -198,7 +220,7 @@ def _vanishing(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     worst = min(_float(a.get("value")) for a in alerts)
     share = "no gradient at all" if worst <= 0 else f"about {worst:.0e} of the gradient of the most-trained layer"
     summary = f"{describe_layers(names, order)} get {share}, first seen at step {first}: these layers barely learn."
-    evidence = [f"{len(alerts)} vanishing alert(s) between steps {first} and {last}; the lowest gradient norm was "
+    evidence = [f"{count_span(len(alerts), 'vanishing alert', first, last)}; the lowest gradient norm was "
                 f"{worst:.1e} of the largest"]
     norms = _last_values(run, "grad/norm/", order)
     finite = {n: v for n, v in norms.items() if math.isfinite(v) and v > 0}
@@ -216,7 +238,7 @@ def _vanishing(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
                         + ", ".join(f"{p:.1f}" for p in profile) + "]")
     sat = [a for a in run.alerts if a.get("kind") == "saturated"]
     if sat:
-        evidence.append(f"saturated units were also found ({', '.join(_ordered_union(sat, []))[:160]}): "
+        evidence.append(f"saturated units were also found ({cut(', '.join(_ordered_union(sat, [])), 160)}): "
                         "saturating activations pass almost no gradient")
     remedies = []
     relu = "Replace sigmoid/tanh with a ReLU-family activation (ReLU, LeakyReLU, GELU): its derivative is 1 where " \
@@ -248,7 +270,7 @@ def _exploding(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     thr = _float(alerts[0].get("threshold"))
     where = f"; growing fastest in {describe_layers(names, order)}" if names else ""
     summary = f"the total gradient norm jumped to {_fmt(peak)} (threshold {_fmt(thr)}) from step {first}{where}."
-    evidence = [f"{len(alerts)} exploding alert(s) between steps {first} and {last}"]
+    evidence = [count_span(len(alerts), "exploding alert", first, last)]
     steps, values = run.series("grad/norm_total")
     ok = np.isfinite(values)
     if ok.any():
@@ -279,7 +301,7 @@ def _nonfinite(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     first, last = _steps(alerts) if alerts else (-1, -1)
     where = f" in {describe_layers(names, order)}" if names else ""
     summary = f"gradients or the loss became NaN/Inf{where}, first at step {first}."
-    evidence = [f"{len(alerts)} non-finite alert(s) between steps {first} and {last}"] if alerts else []
+    evidence = [count_span(len(alerts), "non-finite alert", first, last)] if alerts else []
     decided = bool(alerts)
     for key in _loss_keys_checked(run):
         loss_steps, loss = run.series(key)
@@ -293,7 +315,7 @@ def _nonfinite(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
                 summary = f"the training loss ({key}) became NaN/Inf at step {first}."
     skipped = run.last("grad/skipped_steps")
     if skipped:
-        evidence.append(f"GradientMonitor skipped {int(skipped)} update(s) with non-finite gradients")
+        evidence.append(f"GradientMonitor skipped {plural(int(skipped), 'update')} with non-finite gradients")
     remedies = ["Lower the learning rate (the usual cause: one too large update overflows).",
                 "Clip gradients (GradientClipping('norm') or 'skip' to drop outlier steps).",
                 "Check the loss for log(0) or a division by zero: use logit-based losses (cross_entropy, "
@@ -307,7 +329,8 @@ def _spike(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     first, last = _steps(alerts)
     what = sorted({str(a.get("where", "")) for a in alerts})
     at = ", ".join(f"step {int(a['step'])} ({a.get('where')} {_fmt(_float(a.get('value')))})" for a in alerts[:6])
-    summary = f"{len(alerts)} sudden jump(s) of {' and '.join(w.replace('_', ' ') for w in what)}, first at step {first}."
+    jumps = " and ".join(w.replace("_", " ") for w in what)
+    summary = f"{plural(len(alerts), 'sudden jump')} of {jumps}, first at step {first}."
     evidence = [f"spikes at {at}{' ...' if len(alerts) > 6 else ''}"]
     remedies = ["Clip adaptively: GradientClipping('zclip') or skip outlier steps (GradientClipping('skip')).",
                 "Lower the learning rate or add a warm-up.",
@@ -335,7 +358,7 @@ def _units(run: RunData, alerts: list[dict[str, Any]], kind: str) -> Finding:
         remedies = ["Use smaller initial weights: Xavier/Glorot initialization.",
                     "Normalize the inputs and add normalization (batch/layer norm) before the activation.",
                     "Replace the saturating activation with a ReLU-family one (ReLU, LeakyReLU, GELU)."]
-    evidence = [f"{len(alerts)} {kind} alert(s) between steps {first} and {last}; worst fraction "
+    evidence = [f"{count_span(len(alerts), kind + ' alert', first, last)}; worst fraction "
                 f"{100 * max(_float(a.get('value')) for a in alerts):.0f}% (threshold "
                 f"{100 * _float(alerts[0].get('threshold')):.0f}%)"]
     return Finding(kind, TITLES[kind], summary, evidence, remedies, names, (first, last))
@@ -441,45 +464,108 @@ def _crashed(run: RunData) -> Finding:
     return Finding("crashed", TITLES["crashed"], summary, evidence, remedies, [], (step, step))
 
 
-def _stalled_one(run: RunData, key: str) -> tuple[float, float, int, np.ndarray] | None:
+def _stalled_one(run: RunData, key: str, min_points: int = 4) -> tuple[float, float, int, np.ndarray] | None:
+    """``(head, tail, q, steps)`` when the finite values of ``key`` do not go down (the mean of the last quarter
+    is above 97% of the first quarter's), judged on at least ``min_points`` logged values; else ``None``."""
     steps, loss = run.series(key)
     ok = np.isfinite(loss)
     steps, loss = steps[ok], loss[ok]
-    if len(loss) < 8:
+    if len(loss) < max(2, min_points):
         return None
-    q = max(2, len(loss) // 4)
+    q = max(1 if len(loss) < 8 else 2, len(loss) // 4)
     head, tail = float(np.mean(loss[:q])), float(np.mean(loss[-q:]))
     if not (tail > 0.97 * head):
         return None
     return head, tail, q, steps
 
 
-def _stalled(run: RunData) -> Finding | None:
-    """The loss is not going down: judged on the chosen training-loss series; with several (a GAN's ``d_loss`` and
-    ``g_loss``) only when none of them goes down."""
-    keys = train_loss_keys(run)
-    found = [(k, _stalled_one(run, k)) for k in keys]
-    if not found or any(r is None for _, r in found):
+def accuracy_keys(run: RunData) -> list[str]:
+    """Validation accuracies (``val/acc``, ``val_accuracy``, ...), best first."""
+    keys = [k for k in run.scalars if _tokens(k)[0] in _VAL_WORDS and
+            any(t in ("acc", "accuracy") for t in _tokens(k)) and len(run.series(k)[1])]
+    return sorted(keys, key=lambda k: (k != "val/acc", k))
+
+
+def _num_classes(run: RunData) -> int | None:
+    n = run.meta.get("num_classes")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
+
+
+def chance_accuracy(run: RunData) -> tuple[str, float, float, str] | None:
+    """``(key, accuracy, chance, how)`` when the last validation accuracy is at chance level: at most 1.5x of
+    ``1/num_classes`` when the record names the number of classes (``num_classes`` in a ``run`` entry); else when
+    the last training loss is about ``ln k`` (what cross-entropy gives for uniform guesses over ``k`` classes) and
+    the accuracy at most 1.5x of ``1/k``."""
+    keys = accuracy_keys(run)
+    if not keys:
         return None
-    key, (head, tail, q, steps) = found[0]
-    trend = "grew" if tail > 2 * head else "went"
-    name = "the training loss" if key == "train/loss" else f"the training loss ({', '.join(keys)})"
-    summary = (f"{name} {trend} from {head:.4g} (first logs) to {tail:.4g} (last logs) over "
-               f"{int(steps[-1] - steps[0])} steps: the model is not learning.")
-    evidence = [f"mean {k} of the first {r[2]} logs {r[0]:.4g}, of the last {r[2]} logs {r[1]:.4g}" for k, r in found]
+    key = keys[0]
+    values = run.series(key)[1]
+    acc = float(values[np.isfinite(values)][-1]) if np.isfinite(values).any() else math.nan
+    if not (0 <= acc <= 1):
+        return None
+    n = _num_classes(run)
+    if n is not None:
+        chance = 1.0 / n
+        return (key, acc, chance, f"{n} classes in the record") if acc <= 1.5 * chance else None
+    for lk in train_loss_keys(run):  # cross-entropy of uniform guesses over k classes is ln(k)
+        lv = run.series(lk)[1]
+        lv = lv[np.isfinite(lv)]
+        if not len(lv) or not 0.6 < float(lv[-1]) < 12:
+            continue
+        k = round(math.exp(float(lv[-1])))
+        if k >= 2 and abs(float(lv[-1]) - math.log(k)) <= 0.1 * math.log(k) and acc <= 1.5 / k:
+            return key, acc, 1.0 / k, f"{k} classes inferred: the loss {float(lv[-1]):.3g} is about ln({k})"
+    return None
+
+
+def _stalled(run: RunData) -> Finding | None:
+    """The loss is not going down, or the model is not learning: judged on the chosen training-loss series (with
+    several, a GAN's ``d_loss`` and ``g_loss``, only when none of them goes down) from 4 logged values on; and
+    on a run of any length when the validation accuracy is at chance level (:func:`chance_accuracy`) and the loss
+    does not go down (2 logged values suffice) or is not logged."""
+    keys = train_loss_keys(run)
+    chance = chance_accuracy(run)
+    found = [(k, _stalled_one(run, k, 2 if chance else 4)) for k in keys]
+    flat = bool(found) and all(r is not None for _, r in found)
+    if not flat and not (chance and not keys):
+        return None
+    evidence = [f"mean {k} of the first {plural(r[2], 'log')} {r[0]:.4g}, of the last {plural(r[2], 'log')} "
+                f"{r[1]:.4g}" for k, r in found if r is not None]
+    if chance:
+        key, acc, level, how = chance
+        evidence.insert(0, f"{key} is {acc:.3g} at the last validation: chance level is {level:.3g} ({how})")
+    if found and flat:
+        key, (head, tail, q, steps) = found[0]
+        trend = "grew" if tail > 2 * head else "went"
+        name = "the training loss" if key == "train/loss" else f"the training loss ({', '.join(keys)})"
+        summary = (f"{name} {trend} from {head:.4g} (first logs) to {tail:.4g} (last logs) over "
+                   f"{int(steps[-1] - steps[0])} steps")
+        span = (int(steps[0]), int(steps[-1]))
+    else:
+        steps = run.series(chance[0])[0]
+        summary, span = "no training loss was logged", (int(steps[0]), int(steps[-1]))
+    if chance:
+        summary += f", and {chance[0]} is {chance[1]:.3g}, chance level: the model is not learning."
+    else:
+        summary += ": the model is not learning."
     remedies = ["Find a working learning rate with the LR range test (bpkit-train lr_find=true).",
                 "If the gradients vanish (see above), fix that first.",
                 "Use momentum or Adam, and a schedule with warm-up."]
-    return Finding("stalled", TITLES["stalled"], summary, evidence, remedies, [], (int(steps[0]), int(steps[-1])))
+    if chance:
+        remedies.append("Check that the labels match the inputs (a shuffled or constant target gives chance accuracy "
+                        "whatever the model).")
+    title = "The model is not learning: accuracy at chance level" if chance else TITLES["stalled"]
+    return Finding("stalled", title, summary, evidence, remedies, [], span)
 
 
 def _unused(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     names = _ordered_union(alerts, _layer_order(run))
     first, last = _steps(alerts)
     listing = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    summary = (f"{len(names)} parameter(s) got an exactly zero gradient on every step because their input is all "
-               f"zeros: they are structurally unused, not a vanishing gradient: {listing}.")
-    evidence = [f"{len(alerts)} unused alert(s) between steps {first} and {last}"]
+    summary = (f"{plural(len(names), 'parameter')} got an exactly zero gradient on every step because their input "
+               f"is all zeros: they are structurally unused, not a vanishing gradient: {listing}.")
+    evidence = [count_span(len(alerts), "unused alert", first, last)]
     evidence += [str(m) for m in dict.fromkeys(str(a.get("message", "")) for a in alerts) if m][:3]
     remedies = ["If they should take part, check what feeds them: the input, feature or branch that reaches them "
                 "is all zeros (a masked or constant feature, a disconnected branch).",
@@ -590,7 +676,36 @@ def diagnose(run: RunData) -> list[Finding]:
     if stalled is not None:
         found.append(stalled)
     found.sort(key=lambda f: ORDER.index(f.kind))
-    return found
+    return _causal_order(found)
+
+
+CONSEQUENCES = ("vanishing", "dead", "saturated", "stalled", "exploding", "spike", "unused")
+
+
+def _causal_order(found: list[Finding]) -> list[Finding]:
+    """Group what followed the first NaN/Inf under it: a finding of a consequence kind (vanishing, dead units, a
+    stalled loss, exploding, ...) first seen after the first non-finite step gets ``after`` set and is placed right
+    after the NaN finding; a loss that does not go down in a run that became non-finite is the divergence itself
+    and is grouped too. Root problems keep their order, most urgent first."""
+    nan = next((f for f in found if f.kind == "nonfinite" and f.steps and f.steps[0] >= 0), None)
+    if nan is None:
+        return found
+    first = nan.steps[0]
+    after = [f for f in found if f.kind in CONSEQUENCES and f.steps is not None
+             and (f.steps[0] > first or f.kind == "stalled")]
+    for f in after:
+        f.after = first
+    before = [f for f in found if f.kind == "exploding" and f.after is None and f.steps and f.steps[0] <= first]
+    if before:
+        nan.evidence.insert(0, f"preceded by exploding gradients from step {before[0].steps[0]}: the likely cause")
+    roots = [f for f in found if f.after is None]
+    i = roots.index(nan) + 1
+    return roots[:i] + after + roots[i:]
+
+
+def root_findings(findings: list[Finding]) -> list[Finding]:
+    """The findings that are problems of their own (not consequences of an earlier NaN)."""
+    return [f for f in findings if f.after is None]
 
 
 NO_PROBLEMS = "No problems found"
@@ -602,5 +717,9 @@ def summary_line(findings: list[Finding], run: RunData | None = None) -> str:
     ``NO_PROBLEMS`` when it recorded no gradient or activation statistics."""
     if not findings:
         return NO_STATISTICS if run is not None and not has_statistics(run) else NO_PROBLEMS
-    return "; ".join(f.title for f in findings)
+    parts = []
+    for f in root_findings(findings):
+        then = [g.title[0].lower() + g.title[1:] for g in findings if g.after is not None and f.kind == "nonfinite"]
+        parts.append(f.title + (f" (then: {', '.join(then)})" if then else ""))
+    return "; ".join(parts)
 

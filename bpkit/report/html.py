@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bpkit.report.findings import NO_PROBLEMS, Finding, last_steps_table, no_statistics_note, train_loss_keys
+from bpkit.report.findings import (NO_PROBLEMS, Finding, last_steps_table, no_statistics_note, plural,
+                                   root_findings, train_loss_keys)
 from bpkit.report.record import RunData
 
 CSS = """
@@ -29,6 +30,9 @@ table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0;box-s
 th,td{border:1px solid #dde1e7;padding:4px 8px;text-align:left;vertical-align:top} th{background:#eef1f5}
 td.num{text-align:right;font-variant-numeric:tabular-nums} .bad{color:#c9302c;font-weight:600} .good{color:#2b8a3e}
 code{background:#eef1f5;padding:1px 4px;border-radius:3px}
+.finding.after{margin-left:36px;border-left-style:dashed;box-shadow:none;background:#fbfbfc}
+.finding .after-tag{display:inline-block;font-size:12px;color:#5b6475;background:#eef1f5;border-radius:3px;padding:1px 6px;margin-bottom:4px}
+.cut{cursor:help;border-bottom:1px dotted #99a}
 """
 
 
@@ -63,8 +67,10 @@ def findings_html(findings: list[Finding], run: RunData | None = None) -> str:
             return f'<div class="warn" id="verdict"><b>{esc(note)}</b></div>'
         return (f'<div class="ok" id="verdict">{NO_PROBLEMS}: no alert was raised and the logged statistics look '
                 f'healthy.</div>')
-    parts = [f'<p id="verdict"><b>{len(findings)} problem{"s" if len(findings) > 1 else ""} found</b>, most urgent '
-             f'first.</p>']
+    roots = root_findings(findings)
+    parts = [f'<p id="verdict"><b>{plural(len(roots), "problem")} found</b>, most urgent first'
+             + (f'; {plural(len(findings) - len(roots), "consequence")} of the first NaN/Inf shown under it'
+                if len(roots) < len(findings) else "") + '.</p>']
     if note:
         parts.append(f'<div class="warn" id="no-statistics">{esc(note)}</div>')
     for f in findings:
@@ -72,7 +78,11 @@ def findings_html(findings: list[Finding], run: RunData | None = None) -> str:
             (f" (step {f.steps[0]})" if f.steps else "")
         ev = "".join(f"<li>{esc(e)}</li>" for e in f.evidence)
         rem = "".join(f"<li>{esc(r)}</li>" for r in f.remedies)
-        parts.append(f'<div class="finding k-{esc(f.kind)}"><h3>{esc(f.title)}{esc(steps)}</h3>'
+        tag = "" if f.after is None else (
+            f'<div class="after-tag">before the NaN at step {f.after}: part of the divergence</div>'
+            if f.steps and f.steps[1] < f.after else f'<div class="after-tag">after the NaN at step {f.after}</div>')
+        parts.append(f'<div class="finding k-{esc(f.kind)}{" after" if f.after is not None else ""}">{tag}'
+                     f'<h3>{esc(f.title)}{esc(steps)}</h3>'
                      f'<div class="sum">{esc(f.summary)}</div><b>Evidence</b><ul>{ev}</ul>'
                      f'<b>What to try, in order</b><ol>{rem}</ol></div>')
     return "\n".join(parts)
@@ -89,6 +99,14 @@ def table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = 
 
 class Markup(str):
     """Trusted HTML inside a table cell."""
+
+
+def cut(text: Any, width: int) -> Markup:
+    """A table cell's text cut to ``width`` characters with an ellipsis, the full text on hover (``title``)."""
+    text = str(text)
+    if len(text) <= width:
+        return Markup(esc(text))
+    return Markup(f'<span class="cut" title="{esc(text)}">{esc(text[:width - 1].rstrip())}&hellip;</span>')
 
 
 def gradcheck_html(run: RunData) -> str:
@@ -184,9 +202,39 @@ def _num(v: Any) -> float:
         return math.nan
 
 
+MAX_ALERT_ROWS = 60
+
+
+def alert_groups(run: RunData) -> list[dict[str, Any]]:
+    """The alerts collapsed: one group per ``(kind, where)`` with its count, first and last step, the worst value
+    (the lowest for ``vanishing``, else the highest) and its first message; in order of the first step."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for a in sorted(run.alerts, key=lambda a: int(a.get("step", 0))):
+        kind, where, step, value = str(a.get("kind")), str(a.get("where", "")), int(a.get("step", 0)), \
+            _num(a.get("value"))
+        g = groups.get((kind, where))
+        if g is None:
+            groups[(kind, where)] = {"kind": kind, "where": where, "count": 1, "first": step, "last": step,
+                                     "value": value, "threshold": a.get("threshold"), "message": a.get("message", "")}
+            continue
+        g["count"] += 1
+        g["last"] = step
+        if math.isnan(g["value"]) or (value < g["value"] if kind == "vanishing" else value > g["value"]):
+            g["value"] = value
+    return list(groups.values())
+
+
 def alerts_html(run: RunData) -> str:
+    """The alerts, repeated ones collapsed into one row with a count and a step range (at most
+    ``MAX_ALERT_ROWS`` rows; the rest counted)."""
     if not run.alerts:
         return "<p>No alert was raised.</p>"
-    rows = [[a.get("step"), a.get("kind"), str(a.get("where", ""))[:160], a.get("value"), a.get("threshold"),
-             a.get("message", "")] for a in sorted(run.alerts, key=lambda a: int(a.get("step", 0)))]
-    return table(["step", "kind", "where", "value", "threshold", "message"], rows, {3, 4})
+    groups = alert_groups(run)
+    rows = [[g["first"] if g["first"] == g["last"] else Markup(f'{g["first"]}&ndash;{g["last"]}'), g["count"],
+             g["kind"], cut(g["where"], 80), g["value"], g["threshold"], cut(g["message"], 160)]
+            for g in groups[:MAX_ALERT_ROWS]]
+    intro = (f"<p>{plural(len(run.alerts), 'alert')} in {plural(len(groups), 'group')} (same kind and place); "
+             f"the value is the worst one of the group.</p>") if len(groups) < len(run.alerts) else ""
+    more = f"<p>{len(groups) - MAX_ALERT_ROWS} more groups not shown.</p>" if len(groups) > MAX_ALERT_ROWS else ""
+    return intro + table(["steps", "count", "kind", "where", "worst value", "threshold", "first message"], rows,
+                         {1, 4, 5}) + more

@@ -118,6 +118,10 @@ def norm_vs_depth(run: RunData, max_steps: int = 4) -> Figure | None:
     ax.set_title("Gradient norm versus depth")
     if len(names) <= 16:
         ax.set_xticks(x, [_short(n, 22) for n in names], rotation=60, ha="right", fontsize=7)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -220,8 +224,15 @@ def clipping(run: RunData) -> Figure | None:
     return fig
 
 
+def is_momentum(key: str) -> bool:
+    """A momentum (or Adam beta1) series that LearningRateMonitor logs next to the learning rate."""
+    return any(w in key.lower() for w in ("momentum", "beta"))
+
+
 def learning_rate(run: RunData) -> Figure | None:
-    keys = run.keys("lr/")
+    """The learning rate of every param group (the ``lr/*`` series); momentum, when logged, on its own axis."""
+    keys = [k for k in run.keys("lr/") if not is_momentum(k)]
+    moms = [k for k in run.keys("lr/") if is_momentum(k)]
     if not keys:
         return None
     fig = _figure(8, 3.4)
@@ -231,18 +242,37 @@ def learning_rate(run: RunData) -> Figure | None:
         ax.plot(s, v, lw=1.5, label=plain(key))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
-    ax.set_title("Learning rate")
+    ax.set_title("Learning rate" + (" (momentum on the right axis)" if moms else ""))
     vals = np.concatenate([run.series(k)[1] for k in keys])
     if np.all(vals > 0) and vals.max() / max(vals.min(), 1e-300) > 50:
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    if moms:
+        ax2 = ax.twinx()
+        for key in moms:
+            s, v = run.series(key)
+            ax2.plot(s, v, lw=1.0, ls="--", color="grey", label=plain(key))
+        ax2.set_ylabel("momentum")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=7)
     ax.grid(True, alpha=0.3)
     return fig
 
 
-def loss(run: RunData) -> Figure | None:
+FINDING_COLORS = {"crashed": "black", "nonfinite": "black", "exploding": "purple", "gradcheck": "brown",
+                  "vanishing": "darkorange", "dead": "chocolate", "saturated": "goldenrod", "unused": "grey",
+                  "spike": "crimson", "clipping": "teal", "stalled": "slategrey"}
+
+FINDING_LABELS = {"nonfinite": "NaN/Inf", "crashed": "crash", "gradcheck": "gradient check", "dead": "dead units",
+                  "saturated": "saturated units", "unused": "unused parameters", "vanishing": "vanishing gradients",
+                  "exploding": "exploding gradients", "spike": "spike"}
+
+
+def loss(run: RunData, findings: list[Any] | None = None) -> Figure | None:
     """Training loss (the chosen series, see :func:`bpkit.report.findings.train_loss_keys`), validation losses,
-    the returned losses of the last steps before a crash, with spike and NaN alerts marked."""
+    the returned losses of the last steps before a crash. NaN/Inf losses are left as a gap, with one marker at the
+    first one; each finding's first step is marked once (a dashed line in its colour, named in the legend)."""
     from bpkit.report.findings import train_loss_keys, val_loss_keys
 
     train, val = train_loss_keys(run), val_loss_keys(run)
@@ -253,29 +283,50 @@ def loss(run: RunData) -> Figure | None:
     ax = fig.add_subplot()
     drawn = []
     colors = ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    first_bad: list[int] = []
     for i, key in enumerate(train):
         s, v = run.series(key)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            first_bad.append(int(s[bad][0]))
+        v = np.where(bad, np.nan, v)
         ax.plot(s, v, color=colors[i % len(colors)], lw=1.2, marker="o" if len(v) < 3 else None, ms=4,
                 label=plain(key + (" (returned by training_step)" if key == "loss/train_returned" else "")))
         drawn.append(v)
     for i, key in enumerate(val):
         s, v = run.series(key)
-        ax.plot(s, v, color=["tab:orange", "tab:red", "gold"][i % 3], marker="o", ms=4, lw=1.2, label=plain(key))
+        bad = ~np.isfinite(v)
+        if bad.any():
+            first_bad.append(int(s[bad][0]))
+        ax.plot(s, np.where(bad, np.nan, v), color=["tab:orange", "tab:red", "gold"][i % 3], marker="o", ms=4,
+                lw=1.2, label=plain(key))
         drawn.append(v)
     if last:
         s, v = np.asarray([x for x, _ in last]), np.asarray([y for _, y in last], dtype=np.float64)
-        ax.plot(s, v, color="black", marker="x", ms=6, lw=0.8, ls="--", label="last steps before the crash")
+        ax.plot(s, np.where(np.isfinite(v), v, np.nan), color="black", marker="x", ms=6, lw=0.8, ls="--",
+                label="last steps before the crash")
         drawn.append(v)
-    marked = set()
-    for a in run.alerts:
-        kind = a.get("kind")
-        if kind not in ("spike", "nonfinite", "exploding"):
+    finish_loss_axes(ax, drawn, "loss", "Loss (dashed lines: where each finding starts)")
+    all_steps = [run.series(k)[0] for k in train + val if len(run.series(k)[0])]
+    if all_steps:  # NaN values do not count in autoscaling: keep the gap after the last finite value visible
+        lo, hi = min(int(s.min()) for s in all_steps), max(int(s.max()) for s in all_steps)
+        if hi > lo:
+            pad = 0.02 * (hi - lo)
+            ax.set_xlim(min(ax.get_xlim()[0], lo - pad), max(ax.get_xlim()[1], hi + pad))
+    marks: dict[int, list[str]] = {}
+    for f in findings or []:
+        if f.steps is None or f.steps[0] < 0 or f.kind == "stalled":
             continue
-        label = {"spike": f"spike ({a.get('where')})", "nonfinite": "NaN/Inf", "exploding": "exploding"}[kind]
-        color = {"spike": "crimson", "nonfinite": "black", "exploding": "purple"}[kind]
-        ax.axvline(int(a["step"]), color=color, ls=":", lw=1.2, label=None if label in marked else plain(label))
-        marked.add(label)
-    finish_loss_axes(ax, drawn, "loss", "Loss (dotted lines: alerts)")
+        marks.setdefault(int(f.steps[0]), []).append(f.kind)
+    nan_at = min(first_bad) if first_bad else None
+    if nan_at is not None:
+        ax.plot([nan_at], [0.98], transform=ax.get_xaxis_transform(), marker="v", ms=11, color="black", ls="none",
+                label=f"first NaN/Inf loss (step {nan_at}); gaps: non-finite", clip_on=False)
+    for step, kinds in sorted(marks.items()):
+        c = FINDING_COLORS.get(kinds[0], "grey")
+        names = ", ".join(FINDING_LABELS.get(k, k) for k in kinds)
+        ax.axvline(step, color=c, ls="--", lw=1.1, label=plain(f"{names} from step {step}"))
+    ax.legend(fontsize=7)
     return fig
 
 
@@ -291,10 +342,12 @@ def finish_loss_axes(ax: Any, series: list[np.ndarray], ylabel: str, title: str)
     ax.grid(True, alpha=0.3)
 
 
-def all_figures(run: RunData) -> list[tuple[str, str, Figure]]:
-    """``[(file stem, caption, figure)]`` for everything the run logged, in report order."""
+def all_figures(run: RunData, findings: list[Any] | None = None) -> list[tuple[str, str, Figure]]:
+    """``[(file stem, caption, figure)]`` for everything the run logged, in report order; ``findings`` (from
+    :func:`bpkit.report.findings.diagnose`) are marked on the loss plot."""
     out: list[tuple[str, str, Figure | None]] = [
-        ("loss", "Loss curve; alerts (spikes, NaN, exploding) marked with dotted lines.", loss(run)),
+        ("loss", "Loss curve; a dashed line marks where each finding starts; a NaN/Inf loss is left as a gap, its "
+                 "first step marked with a triangle.", loss(run, findings)),
         ("gradient_flow", "Gradient flow: log10 of each layer's gradient norm (rows, input at the top) at every "
                           "logged step (columns). A dark band at the top that stays dark is a vanishing gradient; "
                           "a bright column is an exploding step. Grey: not logged or zero.", gradient_flow(run)),

@@ -116,6 +116,15 @@ def find_record(run_dir: str | os.PathLike) -> Path:
     return found[-1]
 
 
+def find_records(run_dir: str | os.PathLike) -> list[Path]:
+    """Every record file at or below ``run_dir`` (a directory), in path order; ``[]`` when there is none or
+    ``run_dir`` is not a directory."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.rglob(RECORD_NAME) if p.is_file())
+
+
 def _float(v: Any) -> float:
     try:
         return float(v)
