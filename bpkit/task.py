@@ -46,8 +46,8 @@ class BackpropTask(pl.LightningModule):
             or a Hydra ``_partial_`` config); default Adam(lr=1e-3).
         scheduler: a schedule by name (``"warmup_cosine"``), a dict ``{"name": ..., "interval": "step"|"epoch",
             "monitor": ..., **options}`` for :func:`bpkit.schedules.build_scheduler` (total steps come from
-            the Trainer), or any callable taking the optimizer; default constant. The LR (and momentum)
-            is logged as ``lr/<optimizer>`` by Lightning's ``LearningRateMonitor``.
+            the Trainer), or any callable taking the optimizer; default constant. The LR is logged per param
+            group as ``lr/group<i>`` (momentum as ``momentum/group<i>``) by :class:`bpkit.callbacks.RunRecord`.
         metrics: names from acc, f1, mse, mae, computed with torchmetrics on train and val.
         num_classes: classes for multi-class metrics (labels for multi-label ones).
 

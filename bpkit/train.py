@@ -2,8 +2,15 @@
 
 Composes a model, data, optimizer, scheduler, callbacks, clipping policy, logger and trainer from
 ``conf/`` (and an experiment from ``recipes/`` with ``recipe=<name>``), validates the choices
-before anything runs, trains, prints one summary line and returns the monitored metric (for
-sweepers such as Optuna).
+before anything runs, trains, ends with a short summary (``bpkit: <metrics> | run: <dir>`` and, per logger, a command
+that works when pasted: ``wandb leet``/``wandb sync``, ``tensorboard --logdir``, the CSV file) and returns the
+monitored metric (for sweepers such as Optuna). The composed config is printed only with ``print_config=true`` (it is
+always saved in ``<run dir>/.hydra/config.yaml``); each Lightning log line is printed once.
+
+W&B identity (:func:`wandb_identity`): a run is named by ``run_name``, the recipe, or ``<model>-<data>``; each job of
+a multirun by the overrides that vary across the sweep, all jobs grouped as ``<recipe or model-data>-<sweep start>``;
+tags carry the config choices. A multirun job's W&B run is linked from ``<sweep dir>/wandb``, so
+``wandb leet <sweep dir>/wandb`` browses the sweep and ``wandb sync <sweep dir>/wandb`` uploads it.
 
 Example::
 
@@ -11,6 +18,7 @@ Example::
     bpkit-train model=rnn data=adding trainer.max_epochs=3
     bpkit-train -m recipe=vanishing_depth model.depth=4,16 model.activation=sigmoid,relu
     bpkit-train trainer.max_epochs=10 ckpt_path=last   # resume the newest run, train up to 10 epochs
+    bpkit-train debug=fdr                          # one batch through everything (also overfit, limit, profiler)
 
 Resuming (``ckpt_path``, passed to ``Trainer.fit(ckpt_path=...)``): a path to a ``.ckpt`` file, or ``last``. Hydra
 gives the resumed invocation a new run directory, so ``last`` means the newest (by modification time)
@@ -38,12 +46,15 @@ import errno
 import fnmatch
 import glob
 import inspect
+import json
 import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
+import time
 import tempfile
 import zipfile
 from pathlib import Path
@@ -281,6 +292,216 @@ class RunDirCheck(HydraCallback):
             sys.exit(2)
 
 
+# ---------------------------------------------------------------- W&B identity of a run and of a sweep
+
+_SWEEP_ENV = "BPKIT_SWEEP"  # set once per sweep by SweepClock (the main process), read by every job
+
+
+class SweepClock(HydraCallback):
+    """Hydra callback: fixes, once per sweep and in the main process, what every job of the sweep shares (the time
+    the sweep started and the overrides it was launched with). Jobs read it to name their W&B group (the same for all
+    jobs, e.g. ``vanishing_depth-2026-11-29_10-01-02``) and their W&B run (the overrides that vary across jobs).
+
+    Enabled in ``conf/train.yaml`` under ``hydra.callbacks.sweep_clock``. Carried in the environment, which the
+    launchers' workers inherit (joblib's processes, SLURM jobs with sbatch's default ``--export=ALL``).
+    """
+
+    @override
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            overrides = [str(o) for o in config.hydra.overrides.task]
+        except Exception:
+            overrides = None
+        os.environ[_SWEEP_ENV] = json.dumps({"start": time.strftime("%Y-%m-%d_%H-%M-%S"), "overrides": overrides})
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _is_multirun(hc: Any) -> bool:
+    from hydra.types import RunMode
+
+    return hc is not None and hc.get("mode") == RunMode.MULTIRUN
+
+
+def sweep_dir_of_job(hc: Any) -> Path:
+    """The directory that holds this multirun job's directory (``hydra.sweep.dir`` as the job was placed)."""
+    out = Path(str(hc.runtime.output_dir))
+    try:
+        sub = Path(str(hc.sweep.subdir))
+    except Exception:
+        sub = Path(out.name)
+    n = len(sub.parts)
+    if not sub.is_absolute() and 0 < n < len(out.parts) and out.parts[-n:] == sub.parts:
+        return Path(*out.parts[:-n])
+    return out.parent
+
+
+def _sweep_info(hc: Any) -> dict[str, Any]:
+    """What the sweep's main process fixed (SweepClock), else what its ``multirun.yaml`` says."""
+    try:
+        info = json.loads(os.environ.get(_SWEEP_ENV, ""))
+        if isinstance(info, dict):
+            return info
+    except ValueError:
+        pass
+    info: dict[str, Any] = {"start": None, "overrides": None}
+    saved = sweep_dir_of_job(hc) / "multirun.yaml"
+    try:
+        info["overrides"] = [str(o) for o in OmegaConf.load(saved).hydra.overrides.task]
+        info["start"] = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(saved.stat().st_mtime))
+    except Exception:
+        pass
+    return info
+
+
+def _swept_overrides(hc: Any, launched: list[str] | None) -> list[str]:
+    """The job's overrides that vary across the sweep: those swept on the command line (``model.depth=2,3`` gives
+    ``model.depth=2``) and the sweeper's own parameters (a recipe's grid, Optuna's search space) unless the command
+    line fixes them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    job = [str(o) for o in hc.overrides.task]
+    if launched is None:
+        return job
+    parser = OverridesParser.create()
+    try:
+        given = parser.parse_overrides(launched)
+        mine = parser.parse_overrides(job)
+    except Exception:  # an override Hydra itself accepted but we cannot read: name the job by all of them
+        return job
+    swept = {o.get_key_element() for o in given if o.is_sweep_override()}
+    fixed = {o.get_key_element() for o in given if not o.is_sweep_override()}
+    params = hc.get("sweeper", {}).get("params") or {}
+    swept |= {str(k) for k in params if str(k) not in fixed}
+    return [text for text, o in zip(job, mine) if o.get_key_element() in swept]
+
+
+def _choices(hc: Any) -> dict[str, str]:
+    try:
+        return {str(k): str(v) for k, v in hc.runtime.choices.items() if v is not None}
+    except Exception:
+        return {}
+
+
+def wandb_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The W&B ``name``, ``group`` and ``tags`` of this job.
+
+    A plain run is named by ``run_name``, else the recipe, else ``<model>-<data>`` (``mlp-digits``); its group is
+    ``group``. A multirun job is named by the overrides that vary across the sweep (``model.depth=4,model.activation=
+    relu``; prefixed by ``run_name`` when it is given on the command line) and grouped by ``<group or recipe or
+    model-data>-<sweep start>``, the same for every job of the sweep. Tags: ``tags`` plus the config choices
+    (``model:mlp``, ``data:digits``, ``optimizer:adam``, ``recipe:vanishing_depth``, ...).
+    """
+    hc = _hydra_cfg()
+    choices = _choices(hc)
+    model = choices.get("model") or str(OmegaConf.select(cfg, "model._target_", default="model")).rsplit(".")[-1]
+    data = choices.get("data") or str(OmegaConf.select(cfg, "data._target_", default="data")).rsplit(".")[-1]
+    recipe = choices.get("recipe")
+    base = recipe or f"{model}-{data}"
+    tags = [str(t) for t in (cfg.get("tags") or [])]
+    for group in ("recipe", "hparams_search", "model", "data", "optimizer", "scheduler", "clipping", "debug"):
+        value = choices.get(group)
+        if value and value not in ("none", "null"):
+            tags.append(f"{group}:{value}")
+    tags = list(dict.fromkeys(t[:64] for t in tags))
+    run_name, group = cfg.get("run_name"), cfg.get("group")
+    if not _is_multirun(hc):
+        return {"name": str(run_name) if run_name else base, "group": group, "tags": tags}
+    info = _sweep_info(hc)
+    swept = _swept_overrides(hc, info.get("overrides"))
+    label = ",".join(swept) or f"{base}-{hc.job.get('num', 0)}"
+    typed = {_override_key(str(o)) for o in hc.overrides.task}
+    name = f"{run_name}:{label}" if run_name and "run_name" in typed else label
+    start = info.get("start") or sweep_dir_of_job(hc).name
+    group = str(group) if group and "group" in typed else f"{group or base}-{start}"
+    return {"name": name, "group": group, "tags": [*tags, "sweep"] if "sweep" not in tags else tags}
+
+
+def _apply_wandb_identity(cfg: DictConfig) -> None:
+    """Fill ``run_name``/``group``/``tags``: the W&B logger's name, group and tags interpolate them."""
+    from omegaconf import open_dict
+
+    ident = wandb_identity(cfg)
+    with open_dict(cfg):
+        cfg.run_name, cfg.group, cfg.tags = ident["name"], ident["group"], ident["tags"]
+
+
+def _wandb_run_dir(logger: Any) -> Path | None:
+    """The local directory of a W&B logger's run (``.../wandb/offline-run-...``), once it has started."""
+    run = getattr(logger, "_experiment", None)
+    run_files = getattr(run, "dir", None) if run is not None else None
+    return Path(run_files).parent if isinstance(run_files, str) and run_files else None
+
+
+def _link_wandb_run(loggers: list[Any], job_dir: str) -> Path | None:
+    """A multirun job's W&B run (``<job dir>/wandb/offline-run-...``) is linked from ``<sweep dir>/wandb/``, so
+    ``wandb leet <sweep dir>/wandb`` browses and ``wandb sync <sweep dir>/wandb`` uploads the whole sweep.
+
+    Returns the sweep's W&B directory, or None when there is no W&B run or the file system has no links.
+    """
+    hc = _hydra_cfg()
+    shared = sweep_dir_of_job(hc) / "wandb"
+    linked = None
+    for logger in loggers:
+        target = _wandb_run_dir(logger)
+        if target is None:
+            continue
+        link = shared / target.name
+        try:
+            shared.mkdir(parents=True, exist_ok=True)
+            if not os.path.lexists(link):
+                os.symlink(os.path.relpath(target, shared), link, target_is_directory=True)
+            linked = shared
+        except OSError as exc:  # a file system without links: the job's own wandb/ still holds the run
+            log.info("the W&B run %s is not linked from %s: %s", target, shared, exc)
+    return linked
+
+
+# ---------------------------------------------------------------- output of a run
+
+
+def _quiet_logging() -> None:
+    """Each Lightning line once, without Lightning's advertising tips.
+
+    ``import lightning`` gives its logger a console handler of its own, and Hydra's job logging gives the root
+    logger another: every Lightning line was printed twice. Lightning keeps its own console (the lines users know)
+    and stops propagating; Hydra's log file (``<run dir>/<job>.log``) still receives them.
+    """
+    import lightning.pytorch  # noqa: F401  (its loggers and handlers exist from here on)
+
+    import warnings
+
+    # Lightning's own use of a torch API torch has deprecated: nothing a user of bpkit-train can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in tips.filters):
+        tips.addFilter(_NoTips())
+    root = logging.getLogger()
+    if not root.handlers:  # no Hydra job logging (hydra/job_logging=none): nothing is doubled
+        return
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if getattr(h, "_bpkit_job_file", False)]:
+            lg.removeHandler(h)  # the previous job's log file (multirun in one process)
+        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                   for h in lg.handlers):
+            continue
+        lg.propagate = False
+        for h in files:  # the same handler objects: Hydra closes them when the next job configures logging
+            h._bpkit_job_file = True  # type: ignore[attr-defined]
+            lg.addHandler(h)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger/litmodels" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in str(record.msg)
+
+
 def _output_places(cfg: DictConfig, callbacks: dict[str, Any], logger: Any, run_dir: str | None) \
         -> list[tuple[str, Any, Path]]:
     """``(key, value, path)`` of everything the run writes, to name the key when writing fails."""
@@ -446,6 +667,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("clipping"):
         named["clipping"] = _instantiate("clipping", cfg.clipping)
     logger = _instantiate("logger", cfg.logger) if cfg.get("logger") else False
+    wandb_init = getattr(logger, "_wandb_init", None)  # WandbLogger passes anonymous=None: wandb 0.31 warns on it
+    if isinstance(wandb_init, dict) and "anonymous" in wandb_init and wandb_init["anonymous"] is None:
+        del wandb_init["anonymous"]
     if not logger:  # Lightning's LearningRateMonitor refuses a run without a logger; the record keeps the LRs
         for key in [k for k, cb in named.items() if isinstance(cb, LearningRateMonitor)]:
             log.info("logger=none: %s is left out (it needs a logger; the run record keeps the learning rates)", key)
@@ -491,17 +715,40 @@ def estimate_total_steps(trainer: Any, datamodule: Any, interval: str) -> int | 
     return int(trainer.max_epochs * math.ceil(batches / trainer.accumulate_grad_batches))
 
 
+def wandb_commands(wandb_dir: str | Path) -> list[str]:
+    """The lines that browse and upload the W&B runs of a ``wandb`` directory (a run's, or a sweep's), quoted for
+    the shell: ``wandb leet DIR`` (wandb >= 0.31's terminal UI; a directory of runs lists them) and ``wandb sync DIR``
+    (uploads every run in it)."""
+    where = shlex.quote(str(wandb_dir))
+    return [f"  view: wandb leet {where}", f"  upload: wandb sync {where}"]
+
+
 def _summary(trainer: Any, run_dir: str, untrained: str | None = None) -> str:
+    """The run's last lines: ``bpkit: <metrics> | run: <dir>``, then a command per logger that works when pasted
+    (paths quoted for the shell): ``wandb leet``/``wandb sync`` of the W&B directory (the sweep's, in a multirun),
+    ``tensorboard --logdir``, the CSV file."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
     parts = [f"{k}={v:.4g}" for k, v in sorted(metrics.items())]
     if untrained is not None:  # whatever validation ran scored the untrained (or restored) weights
         parts = [f"nothing was trained ({untrained})"]
-    line = "bpkit: " + (" ".join(parts) or "no validation metrics") + f" | run: {run_dir}"
-    wandb_dir = Path(run_dir) / "wandb"
-    runs = sorted(wandb_dir.glob("offline-run-*")) if wandb_dir.is_dir() else []
-    if runs:
-        line += f" | view: wandb leet {runs[-1]} | upload: wandb sync {runs[-1]}"
-    return line
+    lines = ["bpkit: " + (" ".join(parts) or "no validation metrics") + f" | run: {shlex.quote(str(run_dir))}"]
+    hc = _hydra_cfg()
+    sweep = sweep_dir_of_job(hc) if _is_multirun(hc) else None
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            run = _wandb_run_dir(logger)
+            if run is not None:
+                shared = sweep / "wandb" if sweep is not None else None
+                where = shared if shared is not None and os.path.lexists(shared / run.name) else run.parent
+                lines += wandb_commands(where)
+        elif isinstance(logger, TensorBoardLogger):
+            logdir = sweep if sweep is not None else Path(logger.root_dir)
+            lines.append(f"  view: tensorboard --logdir {shlex.quote(str(logdir))}")
+        elif isinstance(logger, CSVLogger):
+            lines.append(f"  metrics: {shlex.quote(str(Path(logger.log_dir) / 'metrics.csv'))}")
+    return "\n".join(lines)
 
 
 def _finish_wandb() -> None:
@@ -524,7 +771,10 @@ def run(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = HydraConfig.get().runtime.output_dir
-    print(OmegaConf.to_yaml(cfg, resolve=False))
+    if cfg.get("print_config"):  # always saved in <run dir>/.hydra/config.yaml
+        print(OmegaConf.to_yaml(cfg, resolve=False), flush=True)
+    _quiet_logging()
+    _apply_wandb_identity(cfg)
     try:
         parts = build(cfg)
     except BpkitConfigError as err:
@@ -537,6 +787,8 @@ def run(cfg: DictConfig) -> float:
     try:
         for logger in trainer.loggers:  # the resolved config becomes the W&B run config
             logger.log_hyperparams(resolved)
+        if _is_multirun(_hydra_cfg()):
+            _link_wandb_run(trainer.loggers, run_dir)
         if cfg.get("lr_find"):
             _run_lr_find(cfg, trainer, task, datamodule, run_dir)
         if parts["ckpt_path"] and trainer.is_global_zero:

@@ -15,7 +15,7 @@ DATA_FOR_MODEL = {"mlp": [], "resnet": [], "rnn": ["data=adding"]}
 
 def _cases():
     cases = []
-    for group in ("optimizer", "scheduler", "callbacks", "clipping", "logger", "trainer"):
+    for group in ("optimizer", "scheduler", "callbacks", "clipping", "logger", "trainer", "debug"):
         cases += [[f"{group}={name}"] for name in options(group)]
     cases += [[f"data={name}"] + MODEL_FOR_DATA[name] for name in options("data")]
     cases += [[f"model={name}"] + DATA_FOR_MODEL[name] for name in options("model")]
@@ -41,9 +41,36 @@ def test_every_config_composes_and_instantiates(overrides, tmp_path):
 
 def test_callbacks_are_a_keyed_dict_that_can_lose_one(tmp_path):
     cfg = compose_train([], str(tmp_path))
-    assert "checkpoint" in cfg.callbacks and "lr_monitor" in cfg.callbacks
-    cfg = compose_train(["~callbacks.lr_monitor"], str(tmp_path))
-    assert "lr_monitor" not in cfg.callbacks and "checkpoint" in cfg.callbacks
+    assert "checkpoint" in cfg.callbacks and "run_record" in cfg.callbacks
+    cfg = compose_train(["~callbacks.checkpoint"], str(tmp_path))
+    assert "checkpoint" not in cfg.callbacks and "run_record" in cfg.callbacks
+
+
+def test_one_lr_series_by_default_lr_monitor_on_request(tmp_path):
+    """RunRecord logs lr/group<j>; Lightning's LearningRateMonitor would log a second series (and momentum on the
+    learning-rate axis): not in the defaults, still there to add."""
+    assert "lr_monitor" not in compose_train([], str(tmp_path)).callbacks
+    cfg = compose_train(["callbacks=[default,lr_monitor]"], str(tmp_path))
+    assert {"lr_monitor", "run_record", "checkpoint"} <= set(cfg.callbacks)
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("fdr", {"fast_dev_run": 1}),
+    ("overfit", {"overfit_batches": 1, "max_epochs": 40}),
+    ("limit", {"limit_train_batches": 8, "limit_val_batches": 2, "limit_test_batches": 2, "max_epochs": 2}),
+    ("profiler", {"max_epochs": 1, "limit_train_batches": 20}),
+])
+def test_debug_presets_set_the_trainer(preset, expected, tmp_path):
+    from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
+
+    trainer = build(compose_train([f"debug={preset}", "logger=none"], str(tmp_path)))["trainer"]
+    assert {k: getattr(trainer, k) for k in expected} == expected
+    if preset == "profiler":
+        assert isinstance(trainer.profiler, SimpleProfiler) and trainer.profiler.dirpath == str(tmp_path)
+    else:
+        assert isinstance(trainer.profiler, PassThroughProfiler)
+    default = build(compose_train(["logger=none"], str(tmp_path)))["trainer"]
+    assert default.fast_dev_run is False and default.overfit_batches == 0.0
 
 
 def test_recipe_is_global_and_overridable(tmp_path):

@@ -208,7 +208,7 @@ def test_hydra_config_adds_the_callback(tmp_path):
 
     cfg = compose_train(["callbacks=[default,gradient_check]", "callbacks.gradient_check.on_failure=raise"],
                         str(tmp_path))
-    assert {"checkpoint", "lr_monitor", "gradient_check"} <= set(cfg.callbacks)
+    assert {"checkpoint", "run_record", "gradient_check"} <= set(cfg.callbacks)
     check = instantiate(cfg.callbacks.gradient_check)
     assert isinstance(check, GradientCheck) and check.on_failure == "raise" and check.mode == "directional"
 

@@ -31,28 +31,21 @@ def test_train_runs_and_logs_to_wandb_offline(extra, tmp_path):
     run_dir = tmp_path / "run"
     proc = bpkit_train([*FAST, *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = [ln for ln in proc.stdout.splitlines() if ln.startswith("bpkit: ")]
-    assert summary and "val/loss=" in summary[-1] and f"run: {run_dir}" in summary[-1]
-    assert "wandb leet" in summary[-1] and "wandb sync" in summary[-1]
+    lines = proc.stdout.splitlines()
+    summary = [i for i, ln in enumerate(lines) if ln.startswith("bpkit: ")]
+    assert summary and "val/loss=" in lines[summary[-1]] and lines[summary[-1]].endswith(f"run: {run_dir}")
+    assert lines[summary[-1] + 1:] == [f"  view: wandb leet {run_dir / 'wandb'}",
+                                       f"  upload: wandb sync {run_dir / 'wandb'}"]
     runs = _offline_runs(run_dir)
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    if not extra:  # a plain run is named after its model and data, and tagged with the config choices
+        from tests.test_wandb_identity import run_record, wandb_records
+
+        record = run_record(wandb_records(runs[0]))
+        assert record["display_name"] == "mlp-digits" and "run_group" not in record
+        assert record["tags"] == ["model:mlp", "data:digits", "optimizer:adam"]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-
-
-def test_multirun_gives_separate_wandb_runs(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = bpkit_train(["-m", *FAST, "model.depth=2,3", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [j.name for j in jobs] == ["0", "1"]
-    run_ids = set()
-    for job in jobs:
-        runs = _offline_runs(job)
-        assert len(runs) == 1, f"job {job.name} should hold exactly one W&B run"
-        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
-    assert len(run_ids) == 2
-    assert proc.stdout.count("bpkit: val/acc=") == 2
 
 
 @pytest.mark.parametrize("args, message", [
