@@ -96,7 +96,7 @@ def test_exploding_needs_patience_consecutive_steps():
 
 
 def test_exploding_names_the_fastest_growing_tensors():
-    det = ExplodingDetector(warmup=3, patience=1)
+    det = ExplodingDetector(factor=10.0, warmup=3, patience=1)
     for step in range(10):
         det.update(_t(1.0), _t([0.5, 0.5, 0.5, 0.5]), _t(step, torch.int64))
     det.update(_t(100.0), _t([0.5, 80.0, 0.5, 40.0]), _t(10, torch.int64))
@@ -112,6 +112,21 @@ def test_exploding_skips_nonfinite_totals():
         assert flag is False
     assert det.alerts(["w"]) == []
     assert np.isnan(det.history).sum() == det.window - 3
+
+
+def test_exploding_defaults_tolerate_a_deep_relu_net_waking_up_but_not_an_exponential_blowup():
+    """The calibrated defaults (benchmarks/results/calibration.md): a norm that grows ~60x over a few dozen steps and
+    settles (a deep ReLU MLP starting to learn) is healthy; one that grows ~10x per step is exploding."""
+    rng = np.random.default_rng(0)
+    healthy = [0.17 * (1 + rng.uniform(-0.1, 0.1)) for _ in range(50)] + \
+              [0.17 * 60 ** min(1.0, k / 20) * (1 + rng.uniform(-0.3, 0.3)) for k in range(300)]
+    det = ExplodingDetector()
+    assert not any(det.update(v, [v], s) for s, v in enumerate(healthy)) and det.alerts(["w"]) == []
+    det = ExplodingDetector()
+    blowup = [1.0] * 10 + [10.0 ** k for k in range(1, 12)]
+    flags = [det.update(v, [v], s) for s, v in enumerate(blowup)]
+    # 1000x its first steps from step 13 on: the third step in a row (15) fires, with 6 steps to go to 1e11
+    assert flags.index(True) == 15 and det.alerts(["w"])[0].step == 15
 
 
 # ----------------------------------------------------------------- nonfinite

@@ -453,7 +453,8 @@ def test_buffered_rules_equal_the_detectors_fed_step_by_step(monkeypatch, max_ro
     names = [n for n, _ in net.named_parameters()]
     got = sorted((a.kind, a.step, a.where) for a in mon.alerts)
     want = sorted((a.kind, a.step, a.where) for a in _reference_alerts(blowup, names))
-    assert ("exploding", 72) in [(k, s) for k, s, _ in want]  # the third step in a row above 10x the median
+    # x1000 from step 72 on: the third step in a row above 100x the running median (the calibrated default) is 74
+    assert ("exploding", 74) in [(k, s) for k, s, _ in want]
     assert got == want
     assert mon._plans[0].rows.capacity == (42 if max_rows is None else max_rows)
 
@@ -478,12 +479,36 @@ class _HistSteps(Callback):
             self.steps.append(trainer.global_step - 1)
 
 
-@pytest.mark.parametrize("kw,want", [({}, [19, 39]), ({"histogram_every_n_steps": 6}, [5, 11, 17, 23, 29, 35]),
-                                     ({"histograms": False}, [])])
-def test_histograms_come_every_tenth_log_interval_by_default(kw, want):
+@pytest.mark.parametrize("kw,want", [
+    # 40 steps, log every 2: 20 log steps; at least 8 snapshots -> the first log step, then every 2nd log step
+    ({}, [1] + list(range(3, 40, 4))),
+    ({"histogram_every_n_steps": 6}, [5, 11, 17, 23, 29, 35]),
+    ({"histograms": False}, [])])
+def test_histograms_come_at_the_first_log_step_then_scaled_to_the_run(kw, want):
     mon = GradientMonitor(log_every_n_steps=2, **kw)
     spy = _HistSteps(mon)
     logger = MemoryLogger()
     _trainer([spy, mon], steps=40, logger=logger).fit(Net())  # the spy looks before the monitor flushes
     assert spy.steps == want
     assert len(logger.series("grad/norm_total")) >= 20  # the scalars still come every log interval
+
+
+@pytest.mark.parametrize("length", [{"max_steps": 50}, {"max_epochs": 3}])  # 50 steps; 3 x 16 batches = 48 steps
+def test_a_short_run_gets_histograms_at_every_log_step(length):
+    """Issue 17: a 50-step run with log_every_n_steps=10 used to get none (the default was every 100 steps)."""
+    mon = GradientMonitor()  # every default: the Trainer's log_every_n_steps=10
+    spy = _HistSteps(mon)
+    trainer = pl.Trainer(callbacks=[spy, mon], logger=False, log_every_n_steps=10, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, **length)
+    trainer.fit(Net())
+    last = trainer.global_step - 1
+    assert spy.steps == list(range(9, last + 1, 10))  # the first log step (9) and each one after it
+    assert len(spy.steps) >= 4
+
+
+def test_a_long_run_keeps_histograms_to_one_in_ten_log_steps():
+    mon = GradientMonitor(log_every_n_steps=2)
+    spy = _HistSteps(mon)
+    _trainer([spy, mon], steps=400).fit(Net())  # 200 log steps: 200 // 8 > 10, so the long-run cadence
+    assert spy.steps == [1] + list(range(19, 400, 20))  # the first log step, then every 10th log step

@@ -216,3 +216,48 @@ def test_a_resumed_run_records_the_restored_step_even_after_a_record_cut_mid_lin
     assert saved == 5 and run.meta["resumed_at_step"] == saved  # the second start entry survived the cut
     assert run.bad_lines == 1 and run.status == "finished"
     assert run.series(LOSS_KEY)[0].tolist() == [1, 3, 5, 7]  # before the kill and after the resume
+
+
+class TwoGroups(Returns):
+    """Two parameter groups: a named one (SGD with momentum, or Adam) and an unnamed one, on a per-step schedule."""
+
+    def __init__(self, adam=False):
+        super().__init__()
+        self.adam = adam
+
+    def configure_optimizers(self):
+        groups = [{"params": self.net[0].parameters(), "lr": 0.1, "name": "backbone"},
+                  {"params": self.net[2].parameters(), "lr": 0.01}]
+        if self.adam:
+            opt = torch.optim.Adam(groups, betas=(0.8, 0.99))
+        else:
+            opt = torch.optim.SGD(groups, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_one_lr_series_per_param_group_with_its_name_and_momentum_apart(tmp_path, adam):
+    seen = {}  # the optimizer's own values at each log step, read by an independent callback
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            groups = trainer.optimizers[0].param_groups
+            seen[trainer.fit_loop.epoch_loop._batches_that_stepped] = [g["lr"] for g in groups]
+
+    fit(tmp_path, TwoGroups(adam), [Spy(), RunRecord(gradient_flow_image=False)], steps=6, every=2)
+    lr_entries = [e for e in entries(tmp_path, "scalars") if any(k.startswith("lr/") for k in e["data"])]
+    assert [e["step"] for e in lr_entries] == [1, 3, 5]
+    momentum = 0.8 if adam else 0.9
+    for e in lr_entries:
+        assert set(e["data"]) == {"lr/backbone", "lr/group1", "momentum/backbone", "momentum/group1"}
+        assert [e["data"]["lr/backbone"], e["data"]["lr/group1"]] == pytest.approx(seen[e["step"]])
+        assert e["data"]["lr/backbone"] == pytest.approx(10 * e["data"]["lr/group1"])
+        assert e["data"]["momentum/backbone"] == e["data"]["momentum/group1"] == momentum
+    assert lr_entries[0]["data"]["lr/backbone"] > lr_entries[-1]["data"]["lr/backbone"]  # the schedule moved it
+
+
+def test_plain_sgd_logs_no_momentum_series(tmp_path):
+    fit(tmp_path, Returns(), [RunRecord(gradient_flow_image=False)], steps=4, every=2)
+    keys = {k for e in entries(tmp_path, "scalars") for k in e["data"]}
+    assert {k for k in keys if k.startswith(("lr/", "momentum/"))} == {"lr/group0"}

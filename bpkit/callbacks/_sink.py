@@ -187,3 +187,59 @@ def log_image(trainer: Any, key: str, path: str, step: int = 0, caption: str | N
 
             _safe(trainer, logger, "TensorBoard image logging", tb)
     _append_record(trainer, {"type": "image", "step": int(step), "data": {"key": key, "path": str(path)}})
+
+
+def _wandb_loggers(trainer: Any) -> list[Any]:
+    return [lg for lg in getattr(trainer, "loggers", None) or [] if type(lg).__name__ == "WandbLogger"]
+
+
+def log_table(trainer: Any, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> int:
+    """Log a table (``wandb.Table``) to every W&B logger of the Trainer (rank 0 only; other loggers have no
+    tables). A failing W&B is warned about once and skipped. Returns to how many loggers it went."""
+    if not _is_rank_zero(trainer):
+        return 0
+    sent = 0
+    for logger in _wandb_loggers(trainer):
+        ok = []
+
+        def table(lg=logger) -> None:
+            import wandb
+
+            payload: dict[str, Any] = {key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}
+            if step is not None:
+                payload["trainer/global_step"] = int(step)
+            lg.experiment.log(payload)
+            ok.append(True)
+
+        _safe(trainer, logger, f"W&B table logging ({key})", table)
+        sent += bool(ok)
+    return sent
+
+
+def wandb_is_online(logger: Any) -> bool:
+    """Whether a W&B logger's run talks to the server (never ``offline``, ``disabled`` or ``dryrun``)."""
+    run = logger.experiment
+    settings = getattr(run, "settings", None)
+    return not (getattr(run, "offline", True) or getattr(settings, "mode", None) in ("offline", "disabled", "dryrun"))
+
+
+def wandb_alert(trainer: Any, title: str, text: str, level: str = "WARN") -> int:
+    """``wandb.alert`` on every online W&B run of the Trainer (never in offline mode; rank 0 only). A failing W&B
+    is warned about once and skipped. Returns on how many runs the alert was sent."""
+    if not _is_rank_zero(trainer):
+        return 0
+    sent = 0
+    for logger in _wandb_loggers(trainer):
+        key = ("wandb.alert", id(logger))
+        if key in _broken(trainer) or id(logger) in _broken(trainer):
+            continue
+        ok = []
+
+        def alert(lg=logger) -> None:
+            if wandb_is_online(lg):
+                lg.experiment.alert(title=title, text=text, level=level)
+                ok.append(True)
+
+        _safe(trainer, key, "wandb.alert", alert)
+        sent += bool(ok)
+    return sent

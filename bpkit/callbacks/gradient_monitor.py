@@ -52,6 +52,43 @@ def _detector_kwargs(key: str, value: Any, cls: type) -> dict[str, Any] | None:
     return dict(value)
 
 
+HIST_EVERY_LOG = 10
+"""The default histogram cadence of a long (or unbounded) run, in log intervals: W&B's ``watch`` takes 1000 steps."""
+HIST_MIN_SNAPSHOTS = 8
+"""The default cadence gives a run of known length at least this many histogram snapshots (when it has as many
+log steps)."""
+
+
+def histogram_every_log(total_steps: float | None, interval: int) -> int:
+    """The default histogram cadence, in log intervals: every 10th log step of a long run, more often in a short one
+    so it still gets about :data:`HIST_MIN_SNAPSHOTS` snapshots, never more often than every log step.
+
+    Args:
+        total_steps: the run's optimizer steps (``None`` or infinite: unknown).
+        interval: the log interval in steps (``0``: no periodic logging).
+
+    Example::
+
+        >>> histogram_every_log(50, 10), histogram_every_log(160, 10), histogram_every_log(100_000, 50)
+        (1, 2, 10)
+    """
+    if interval <= 0 or total_steps is None or not math.isfinite(total_steps) or total_steps <= 0:
+        return HIST_EVERY_LOG
+    log_steps = int(total_steps) // interval
+    return max(1, min(HIST_EVERY_LOG, log_steps // HIST_MIN_SNAPSHOTS))
+
+
+def _run_length(trainer: pl.Trainer) -> float | None:
+    """The run's optimizer steps when Lightning knows them (``estimated_stepping_batches``, else ``max_steps``)."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # no dataloader length (an iterable dataset) and no max_steps
+        total = float("inf")
+    if not math.isfinite(total) and getattr(trainer, "max_steps", -1) and trainer.max_steps > 0:
+        total = float(trainer.max_steps)
+    return total if math.isfinite(total) else None
+
+
 class _Plan:
     """What the monitor watches for one optimizer, and the detectors' state for it."""
 
@@ -136,9 +173,13 @@ class GradientMonitor(Callback):
             alerts are warned and recorded either way.
         per_layer: log per-tensor (per-module) scalars; ``False`` logs the totals and alerts only.
         histograms: log fixed-range log10-magnitude histograms of gradients and weights.
-        histogram_every_n_steps: the histograms' cadence (default: every 10th log interval, e.g. 500 steps
-            with Lightning's default ``log_every_n_steps=50``; W&B's ``watch`` default is 1000). A histogram
-            reads every element of every gradient and weight several times, the other statistics once.
+        histogram_every_n_steps: the histograms' cadence in steps (on the batches ``(step + 1) % n == 0``).
+            Default (``None``): the first log step, then every 10th log interval (e.g. 500 steps with Lightning's
+            ``log_every_n_steps=50``; W&B's ``watch`` takes 1000), more often in a run whose length is known
+            (``trainer.estimated_stepping_batches``, or ``max_steps``) so that it gets at least 8 snapshots, but
+            never more often than every log step: a 50-step run with ``log_every_n_steps=10`` gets one at each of
+            its 5 log steps, a 160-step run every 2nd log step, a 10,000-step run every 10th. A histogram reads
+            every element of every gradient and weight several times, the other statistics once.
         update_ratio: log ``||w_after - w_before|| / ||w_before||`` (exact: the weights are copied before
             the optimizer step on logging steps only).
         include: glob(s) over ``named_parameters()`` names to watch (default: all trainable ones).
@@ -152,7 +193,10 @@ class GradientMonitor(Callback):
         vanishing: ``True``, ``False`` or options of :class:`bpkit.detect.VanishingDetector`
             (``rel_max``, ``rel_weight``, ``patience``).
         exploding: ``True``, ``False`` or options of :class:`bpkit.detect.ExplodingDetector`
-            (``factor``, ``max_norm``, ``window``, ``warmup``, ``ema``).
+            (``factor`` 100, ``growth`` 1000, ``patience`` 3, ``warmup`` 50, ``max_norm``, ``window``, ``ema``): the
+            total norm above 100x its running median, or 1000x its first steps, for 3 steps in a row. Calibrated on
+            healthy deep ReLU MLPs with every optimizer config (silent) and the exploding RNN recipe (flagged ~10
+            steps before its first NaN): ``benchmarks/results/calibration.md``.
         spike: ``True``, ``False`` or options of :class:`bpkit.detect.SpikeDetector` (``z``, ``alpha``,
             ``warmup``, ``min_std``), applied to the loss and to the total gradient norm.
         check_every_n_steps: the vanishing rule sees every this many steps and the logging steps (with the
@@ -215,7 +259,8 @@ class GradientMonitor(Callback):
             SpikeDetector(("loss", "grad_norm_total"), **self._spike)
         self._totals: list[torch.Tensor] = []
         self._interval = 50
-        self._hist_interval = 500
+        self._hist_interval = 0
+        self._hist_every_log = HIST_EVERY_LOG
         self._rows_capacity = self._interval + 2
         self._loss_rows = StepRows([(), ()], self._rows_capacity)  # loss and total norm per batch, for the spike rule
         self._last_step = 0  # the batch step of the last optimizer step seen
@@ -242,7 +287,8 @@ class GradientMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._interval = _cadence.interval(trainer, self.log_every_n_steps, "bpkit GradientMonitor")
-        self._hist_interval = self.histogram_every_n_steps or 10 * self._interval
+        self._hist_interval = self.histogram_every_n_steps or 0  # 0: the default cadence, in log intervals
+        self._hist_every_log = HIST_EVERY_LOG  # set from the run's length at train start
         self._rows_capacity = (self._interval or 50) + 2  # with no periodic log, the rows are read back when full
         if not len(self._loss_rows):
             self._loss_rows = StepRows([(), ()], self._rows_capacity * max(1, int(trainer.accumulate_grad_batches or 1)))
@@ -310,6 +356,20 @@ class GradientMonitor(Callback):
     # ---------------------------------------------------------------- the step
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._hist_every_log = histogram_every_log(_run_length(trainer), self._interval)
+
+    def _is_hist_step(self, step: int) -> bool:
+        """Histograms on this batch step: ``histogram_every_n_steps`` when given, else the first log step and
+        every ``_hist_every_log``-th log step (a fixed multiple of the log interval)."""
+        if self._hist_interval:
+            return (step + 1) % self._hist_interval == 0
+        if (step + 1) % self._interval:
+            return False
+        index = (step + 1) // self._interval  # 1 for the first log step
+        return index == 1 or index % self._hist_every_log == 0
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._stepped = False
@@ -340,7 +400,7 @@ class GradientMonitor(Callback):
         else:
             return
         grads = [p.grad for p in params]
-        hist_step = self.histograms and self._interval > 0 and (step + 1) % self._hist_interval == 0
+        hist_step = self.histograms and self._interval > 0 and self._is_hist_step(step)
         log_step = hist_step or _cadence.is_log_batch(trainer, self._interval)
         check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
         device = grads[0].device

@@ -48,8 +48,11 @@ class RunRecord(Callback):
     ``d_loss``; one packed device-to-host copy; the record only, since Lightning logs them itself; under DDP
     their mean over the ranks, one packed all-reduce per log step), the loss ``training_step`` returned
     (``loss/train_returned``, so a module that only returns its loss still gets a loss curve) and the
-    learning rates (``lr/group<j>``, ``lr/opt<i>/group<j>`` with several optimizers; to every logger, making a
-    W&B ``lr/`` panel). Steps that do not log read nothing from the device: the returned losses stay there
+    learning rates, exactly one series per parameter group (``lr/group<j>``, or ``lr/<name>`` for a group with a
+    ``name``; ``lr/opt<i>/...`` with several optimizers; to every logger, making a W&B ``lr/`` panel) and, for a
+    group with a momentum (SGD's ``momentum`` > 0, Adam's ``beta1``), ``momentum/<group>`` under its own prefix.
+    With RunRecord in the callbacks, Lightning's ``LearningRateMonitor`` is not needed (it would log the same
+    learning rate a second time). Steps that do not log read nothing from the device: the returned losses stay there
     (the last 16 steps, and their running sum). At each log step, at the end of training and on an exception
     the sum is checked: a non-finite returned loss raises a ``nonfinite`` alert (``where="loss"``), kept in
     :attr:`alerts`, warned and recorded. When training raises, the returned losses of the steps since the last
@@ -57,8 +60,10 @@ class RunRecord(Callback):
     of a run that crashed before its first log step still says what the last steps looked like.
 
     At the end of fit it draws the gradient-flow heatmap (when a ``GradientMonitor`` logged gradient
-    norms), logs it as an image (W&B, TensorBoard) under ``report/gradient_flow``, and sends every
-    finding of the run's diagnosis with ``wandb.alert`` when the W&B run is online (never offline).
+    norms), logs it as an image (W&B, TensorBoard) under ``report/gradient_flow``, logs every alert of the run
+    (all bpkit callbacks', as written to the run record) as a W&B table ``report/alerts`` (columns ``step, kind,
+    where, message``; also when training raised), and sends every finding of the run's diagnosis with
+    ``wandb.alert`` when the W&B run is online (never offline). A failing W&B never fails the run.
 
     Args:
         log_every_n_steps: cadence in optimizer steps (default: the Trainer's ``log_every_n_steps``); 0 logs
@@ -194,12 +199,23 @@ class RunRecord(Callback):
 
     @staticmethod
     def _lrs(trainer: pl.Trainer) -> dict[str, Any]:
-        lrs: dict[str, Any] = {}
+        """One ``lr/<group>`` value per parameter group, and ``momentum/<group>`` where the group has a momentum
+        (SGD's ``momentum`` when > 0, or Adam's ``beta1``)."""
+        out: dict[str, Any] = {}
         multi = len(trainer.optimizers) > 1
         for i, opt in enumerate(trainer.optimizers):
+            used: set[str] = set()
             for j, group in enumerate(opt.param_groups):
-                lrs[f"lr/{f'opt{i}/' if multi else ''}group{j}"] = group["lr"]
-        return lrs
+                name = group_name(group, j)
+                if name in used:
+                    name = f"{name}_group{j}"  # two groups with the same name: each keeps its own series
+                used.add(name)
+                key = f"{f'opt{i}/' if multi else ''}{name}"
+                out[f"lr/{key}"] = group["lr"]
+                momentum = group_momentum(group)
+                if momentum is not None:
+                    out[f"momentum/{key}"] = momentum
+        return out
 
     @staticmethod
     def _mean_over_ranks(trainer: pl.Trainer, train: dict[str, Any]) -> dict[str, Any]:
@@ -304,6 +320,19 @@ class RunRecord(Callback):
                 warnings.warn(f"bpkit RunRecord: could not write the last steps before the crash: {exc!r}",
                               RuntimeWarning, stacklevel=2)
         self._end(trainer, status, error)
+        if trainer.is_global_zero:
+            try:  # a crashed run's alerts are the ones a user looks for first
+                self.log_alert_table(trainer, self._recorded_alerts(trainer))
+            except Exception as exc:
+                warnings.warn(f"bpkit RunRecord: the alerts table failed: {exc!r}", RuntimeWarning, stacklevel=2)
+
+    @staticmethod
+    def _recorded_alerts(trainer: pl.Trainer) -> list[Any] | None:
+        """The run record's alert entries (every bpkit callback's), or ``None`` without a record."""
+        from bpkit.report.record import read_run
+
+        path = _sink.record_path(trainer)
+        return read_run(path).alerts if os.path.isfile(path) else None
 
     def _write_last_steps(self, trainer: pl.Trainer, error: str) -> None:
         """The returned losses of the steps since the last log step and the learning rates, as a ``last_steps``
@@ -317,7 +346,7 @@ class RunRecord(Callback):
         data: dict[str, Any] = {
             "steps": steps, "loss": [_json_float(recent[s]) for s in steps],
             "nonfinite": [not math.isfinite(recent[s]) for s in steps], "exception": error[:2000],
-            "lr": {k[2:]: _json_float(v) for k, v in host.items() if k.startswith("l:")}, "source": "RunRecord"}
+            "lr": {k[2:]: _json_float(v) for k, v in host.items() if k.startswith("l:lr/")}, "source": "RunRecord"}
         _sink.log_record(trainer, "last_steps", batch_step(trainer), data)
 
     def _end(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
@@ -337,6 +366,7 @@ class RunRecord(Callback):
 
         path = _sink.record_path(trainer)
         if not os.path.isfile(path):
+            self.log_alert_table(trainer)  # no record: the callbacks' own alerts
             return
         run = read_run(path)
         if self.gradient_flow_image:
@@ -345,27 +375,35 @@ class RunRecord(Callback):
                 png = plots.save(fig, os.path.join(os.path.dirname(path), "bpkit_gradient_flow.png"))
                 _sink.log_image(trainer, "report/gradient_flow", str(png), step=trainer.global_step,
                                 caption="log10 gradient norm per layer (rows) and logged step (columns)")
+        self.log_alert_table(trainer, run.alerts)
         if self.wandb_alerts:
             self.send_alerts(trainer, diagnose(run))
 
+    def log_alert_table(self, trainer: pl.Trainer, alerts: list[Any] | None = None) -> int:
+        """Log every alert of the run (of all bpkit callbacks: the run record's ``alert`` entries; without a
+        record, the ``.alerts`` of the Trainer's callbacks) as a W&B table ``report/alerts`` with the columns
+        ``step, kind, where, message``, in step order. Nothing is logged for a run without alerts or without a
+        W&B logger. Returns to how many W&B runs the table went."""
+        if not any(type(lg).__name__ == "WandbLogger" for lg in getattr(trainer, "loggers", None) or []):
+            return 0
+        if alerts is None:
+            alerts = [a.to_dict() for cb in getattr(trainer, "callbacks", []) for a in getattr(cb, "alerts", [])
+                      if isinstance(a, Alert)]
+        rows = alert_rows(alerts)
+        if not rows:
+            return 0
+        return _sink.log_table(trainer, ALERT_TABLE_KEY, list(ALERT_TABLE_COLUMNS), rows, step=trainer.global_step)
+
     def send_alerts(self, trainer: pl.Trainer, findings: list[Any]) -> int:
-        """Send each finding with ``wandb.alert`` to every online W&B run of the Trainer; returns how many."""
+        """Send each finding with ``wandb.alert`` to every online W&B run of the Trainer (never offline); returns
+        how many alerts went out. A failing W&B is warned about once and not called again."""
         sent = 0
-        for logger in getattr(trainer, "loggers", []):
-            if type(logger).__name__ != "WandbLogger":
-                continue
-            run = logger.experiment
-            settings = getattr(run, "settings", None)
-            if getattr(run, "offline", True) or getattr(settings, "mode", None) in ("offline", "disabled", "dryrun"):
-                continue
-            for finding in findings:
-                try:
-                    run.alert(title=f"bpkit: {finding.title}", text=finding.text()[:3000], level="WARN")
-                except Exception as exc:  # W&B unreachable: the run's result stands
-                    warnings.warn(f"bpkit RunRecord: wandb.alert failed: {exc!r}", RuntimeWarning, stacklevel=2)
-                    return sent
-                self.alerts_sent.append(finding.title)
-                sent += 1
+        for finding in findings:
+            got = _sink.wandb_alert(trainer, f"bpkit: {finding.title}", finding.text()[:3000], level="WARN")
+            if not got:
+                break
+            self.alerts_sent.append(finding.title)
+            sent += got
         return sent
 
     @override
@@ -377,6 +415,46 @@ class RunRecord(Callback):
         self._last_step = int(state_dict.get("last_step", -1))
         self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
         self._loss_bad = bool(state_dict.get("loss_bad", False))
+
+
+ALERT_TABLE_KEY = "report/alerts"
+"""The W&B key of the alerts table RunRecord logs at the end of fit."""
+ALERT_TABLE_COLUMNS = ("step", "kind", "where", "message")
+
+
+def alert_rows(alerts: list[Any]) -> list[list[Any]]:
+    """``[step, kind, where, message]`` per alert (``Alert`` objects or their dicts), in step order, duplicates
+    (the same alert recorded twice) once."""
+    rows, seen = [], set()
+    for a in alerts:
+        d = a.to_dict() if isinstance(a, Alert) else dict(a)
+        row = (int(d.get("step", -1)), str(d.get("kind", "")), str(d.get("where", "")), str(d.get("message", "")))
+        if row not in seen:
+            seen.add(row)
+            rows.append(list(row))
+    return sorted(rows, key=lambda r: r[0])
+
+
+def group_name(group: Mapping[str, Any], index: int) -> str:
+    """A parameter group's series name: its ``name`` when set (``optimizer.add_param_group({"name": ...})``, as
+    Lightning's LearningRateMonitor reads it), else ``group<index>``."""
+    name = group.get("name")
+    return str(name).replace(" ", "_") if isinstance(name, str) and name.strip() else f"group{index}"
+
+
+def group_momentum(group: Mapping[str, Any]) -> Any:
+    """The group's momentum: SGD/RMSprop ``momentum`` when > 0, Adam-style ``betas[0]``; ``None`` without one."""
+    momentum = group.get("momentum")
+    if momentum is not None and not isinstance(momentum, bool):
+        try:
+            if float(momentum) > 0:
+                return momentum
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and betas:
+        return betas[0]
+    return None
 
 
 def _json_float(v: Any) -> float | None:
