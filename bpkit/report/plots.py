@@ -232,7 +232,8 @@ def is_momentum(key: str) -> bool:
 def learning_rate(run: RunData) -> Figure | None:
     """The learning rate of every param group (the ``lr/*`` series); momentum, when logged, on its own axis."""
     keys = [k for k in run.keys("lr/") if not is_momentum(k)]
-    moms = [k for k in run.keys("lr/") if is_momentum(k)]
+    # RunRecord logs momentum as momentum/<group>; LearningRateMonitor (when added) as lr/<opt>-momentum
+    moms = [k for k in run.keys("lr/") if is_momentum(k)] + list(run.keys("momentum/"))
     if not keys:
         return None
     fig = _figure(8, 3.4)
