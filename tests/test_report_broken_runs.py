@@ -161,11 +161,22 @@ def test_a_short_run_at_chance_accuracy_is_not_learning(tmp_path):
     assert abs(run.last("train/loss") - math.log(10)) < 0.2
     found = {f.kind: f for f in diagnose(run)}
     assert "stalled" in found and "chance level" in found["stalled"].title
-    assert "chance level is 0.1 (10 classes inferred" in found["stalled"].evidence[0]
+    assert "chance level is 0.1 (10 classes in the record" in found["stalled"].evidence[0]  # RunRecord wrote it
     # the same short run that learns is not flagged
     learning = read_run(_short_run(tmp_path / "learning", lr=0.5, steps=10))
     assert learning.last("val/acc") > 0.3
     assert "stalled" not in {f.kind for f in diagnose(learning)}
+
+
+def test_chance_level_is_inferred_from_a_loss_at_ln_k_when_the_record_has_no_classes(tmp_path):
+    tr = _fake_trainer(tmp_path)
+    _sink.log_record(tr, "run", 0, {"event": "start", "status": "running"})
+    for s in (0, 5):
+        _sink.log_scalars(tr, {"train/loss": math.log(10) + 0.001 * s, "grad/norm/a.weight": 1.0}, s)
+    _sink.log_scalars(tr, {"val/acc": 0.09}, 5)
+    _sink.log_record(tr, "run", 5, {"event": "end", "status": "finished", "end_step": 5})
+    found = {f.kind: f for f in diagnose(read_run(tmp_path))}
+    assert "chance level is 0.1 (10 classes inferred" in found["stalled"].evidence[0]
 
 
 def test_chance_level_from_the_number_of_classes_in_the_record(tmp_path):
@@ -180,10 +191,12 @@ def test_chance_level_from_the_number_of_classes_in_the_record(tmp_path):
 
 
 def test_a_50_step_run_has_histograms_in_its_report(tmp_path):
-    root = _short_run(tmp_path, lr=0.5, steps=50, monitor=GradientMonitor(histogram_every_n_steps=25))
+    # GradientMonitor's defaults: the first log step, then enough snapshots over a short run
+    root = _short_run(tmp_path, lr=0.5, steps=50, monitor=GradientMonitor())
     run = read_run(root)
+    assert run.meta.get("num_classes") == 10
     hist = run.histograms
-    assert hist and all(len(h) >= 2 for h in hist.values())
+    assert hist and all(len(h) >= 5 for h in hist.values())
     html = write_report(root).read_text()
     assert 'id="fig-grad_hist"' in html
 

@@ -135,6 +135,9 @@ class RunRecord(Callback):
                 model = getattr(pl_module, "model", pl_module)
                 data["model"] = type(model).__name__
                 data["num_params"] = int(sum(p.numel() for p in pl_module.parameters()))
+                classes = getattr(pl_module, "num_classes", None)  # chance level for the report's "not learning"
+                if isinstance(classes, int) and not isinstance(classes, bool) and classes > 1:
+                    data["num_classes"] = classes
                 data["activations"] = sorted({type(m).__name__ for m in pl_module.modules()
                                               if isinstance(m, _ACTIVATIONS)})
             data["optimizers"] = [type(o).__name__ for o in trainer.optimizers]
