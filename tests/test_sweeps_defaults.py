@@ -192,9 +192,19 @@ def test_basic_launcher_default_dir_with_a_failing_job(tmp_path):
     assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
 
 
+def _wandb_identities(sweep):
+    """(name, group, tags) of every job's offline W&B run, read from its .wandb log."""
+    from tests.test_wandb_identity import run_record, wandb_records
+
+    runs = sorted(sweep.glob("[0-9]*/wandb/offline-run-*"))
+    records = [run_record(wandb_records(r)) for r in runs]
+    return [(r["display_name"], r["run_group"], set(r["tags"])) for r in records]
+
+
 @pytest.mark.slow
 def test_joblib_launcher_default_dir_runs_two_jobs_in_parallel(tmp_path):
-    proc = bpkit_train(["-m", "hydra/launcher=local_parallel", *FAST, "logger=csv", "model.depth=2,3"], cwd=tmp_path)
+    # the default logger (W&B offline): each joblib worker's run is named by its overrides, one group per sweep
+    proc = bpkit_train(["-m", "hydra/launcher=local_parallel", *FAST, "model.depth=2,3"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FileNotFoundError" not in proc.stderr + proc.stdout
     sweep = _default_sweep(tmp_path)
@@ -203,11 +213,14 @@ def test_joblib_launcher_default_dir_runs_two_jobs_in_parallel(tmp_path):
     assert a["start"] < b["end"] and b["start"] < a["end"], "the two jobs overlapped in time"
     table = _table(proc.stdout)
     assert "2 jobs in" in table[0] and sum(ln.lstrip().startswith(("* #", "#")) for ln in table) == 2
+    identities = _wandb_identities(sweep)
+    assert sorted(name for name, _, _ in identities) == ["model.depth=2", "model.depth=3"]
+    assert len({group for _, group, _ in identities}) == 1 and all("sweep" in tags for _, _, tags in identities)
 
 
 @pytest.mark.slow
 def test_optuna_search_default_dir_without_dash_m(tmp_path):
-    proc = bpkit_train(["hparams_search=optuna_lr", "hydra.sweeper.n_trials=2", *FAST, "logger=csv"], cwd=tmp_path)
+    proc = bpkit_train(["hparams_search=optuna_lr", "hydra.sweeper.n_trials=2", *FAST], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "outputs").exists(), "hparams_search=optuna_lr without -m did a single run"
     sweep = _default_sweep(tmp_path)
@@ -219,3 +232,7 @@ def test_optuna_search_default_dir_without_dash_m(tmp_path):
     assert "sorted by val/acc (higher is better)" in table[0]
     best = max(rows, key=lambda r: r["value"])
     assert any(ln.startswith(f"  * #{best['job']}") for ln in table)
+    identities = _wandb_identities(sweep)  # trials named by the values Optuna drew, one group for the search
+    names = [name for name, _, _ in identities]
+    assert len(names) == 2 and len(set(names)) == 2 and all("optimizer.lr=" in n for n in names), names
+    assert len({group for _, group, _ in identities}) == 1
