@@ -401,7 +401,7 @@ class GradientMonitor(Callback):
             return
         grads = [p.grad for p in params]
         hist_step = self.histograms and self._interval > 0 and self._is_hist_step(step)
-        log_step = hist_step or _cadence.is_log_batch(trainer, self._interval)
+        log_step = hist_step or (self._interval > 0 and (step + 1) % self._interval == 0)  # _cadence.is_log_batch
         check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
         device = grads[0].device
         if plan.rows.must_drain(device) or plan.checks.must_drain(device):
@@ -583,18 +583,25 @@ class GradientMonitor(Callback):
             width, det = len(plan.units), plan.detectors
             if f"{i}/rows" in host:
                 steps, masks = plan.rows.take()
+                rows = host[f"{i}/rows"]
                 last = {}
-                for step, mask, row in zip(steps, masks, host[f"{i}/rows"]):
+                for step, row in zip(steps, rows):
                     norms, total = row[:width], row[width]
-                    nonfinite = ~np.isfinite(norms)
-                    last["nonfinite"] = det["nonfinite"].update(nonfinite, step)
+                    last["nonfinite"] = det["nonfinite"].update(~np.isfinite(norms), step)
                     if "exploding" in det:
                         last["exploding"] = det["exploding"].update(total, norms, step)
-                    got = np.ones(width, dtype=bool) if mask is None else plan.units_present(mask)
-                    plan.nonzero |= got & (norms != 0)
-                    plan.zero_steps += got & (norms == 0)
-                    self._note_recent(step, total=float(total), nonfinite=bool(nonfinite.any()))
                 flags[id(plan)] = last
+                # unused-tensor bookkeeping and the last steps for a crash record, over all rows at once
+                norms = rows[:, :width]
+                if any(m is not None for m in masks):
+                    got = np.stack([np.ones(width, dtype=bool) if m is None else plan.units_present(m) for m in masks])
+                else:
+                    got = True
+                plan.nonzero |= (got & (norms != 0)).any(axis=0)
+                plan.zero_steps += (got & (norms == 0)).sum(axis=0)
+                bad = (~np.isfinite(norms[-20:])).any(axis=1)
+                for step, total, nonfinite in zip(steps[-20:], rows[-20:, width].tolist(), bad.tolist()):
+                    self._note_recent(step, total=total, nonfinite=nonfinite)
             if f"{i}/checks" in host:
                 steps, eligible = plan.checks.take()
                 for step, mask, row in zip(steps, eligible, host[f"{i}/checks"]):
@@ -604,7 +611,8 @@ class GradientMonitor(Callback):
             steps, _ = self._loss_rows.take()
             for step, row in zip(steps, host["loss/rows"]):
                 self._loss_spike.update(row, step)
-                self._note_recent(step, loss=float(row[0]))
+            for step, loss in zip(steps[-20:], host["loss/rows"][-20:, 0].tolist()):
+                self._note_recent(step, loss=loss)
         return flags
 
     def _note_recent(self, step: int, **values: Any) -> None:
