@@ -20,6 +20,21 @@ def step_if_manual(module, loss) -> None:
         opt.step()
 
 
+def spy_on_step_cache(monkeypatch) -> list[bool]:
+    """Record every lookup of the norms GradientMonitor shares with GradientClipping: ``True`` for a hit."""
+    from bpkit.callbacks import _step_cache
+
+    original, hits = _step_cache.lookup, []
+
+    def spy(*args, **kwargs):
+        entry = original(*args, **kwargs)
+        hits.append(entry is not None)
+        return entry
+
+    monkeypatch.setattr(_step_cache, "lookup", spy)
+    return hits
+
+
 def sgd_or_adam(module, name: str, lr: float) -> torch.optim.Optimizer:
     """``Adam(lr)`` for ``name="adam"``, else ``SGD(lr, momentum=0.9)``: the test models' optimizers."""
     if name == "adam":

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bpkit.callbacks import ActivationMonitor, GradientCheck, GradientClipping, GradientMonitor, RunRecord
 from bpkit.report.cli import main as report_main
-from bpkit.tbptt import TBPTTModule
 from tests._helpers import MemoryLogger, TwoOptimizerGAN
+from tests.test_tbptt import LitModel
 
 
 def _data(n=48, d=8, classes=3, batch=8, seed=1):
@@ -97,25 +97,12 @@ class Finetune(LightningModule):
         return _data(n=24)
 
 
-class Sequence(TBPTTModule):
-    """Lightning 1.x's TBPTT docs example with only the base class changed."""
+class Sequence(LitModel):
+    """Lightning 1.x's TBPTT docs example with only the base class changed (tests/test_tbptt.py), with its data."""
 
     def __init__(self):
-        super().__init__()
         torch.manual_seed(0)
-        self.truncated_bptt_steps = 2
-        self.lstm = nn.LSTM(1, 8, batch_first=True)
-        self.linear = nn.Linear(8, 1)
-
-    def training_step(self, batch, batch_idx, hiddens):
-        data, target = batch
-        out, hiddens = self.lstm(data, hiddens)
-        loss = F.mse_loss(self.linear(out), target)
-        self.log("train_loss", loss)
-        return {"loss": loss, "hiddens": hiddens}
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+        super().__init__()
 
     def train_dataloader(self):
         x = torch.randn(16, 6, 1, generator=torch.Generator().manual_seed(1))

@@ -20,7 +20,7 @@ from bpkit.callbacks import GradientClipping, _step_cache
 from bpkit.callbacks import gradient_clipping as gc_module
 from bpkit.errors import BpkitConfigError
 from bpkit.stats import norms as stats_norms
-from tests._helpers import MemoryLogger, sgd_or_adam, step_if_manual
+from tests._helpers import MemoryLogger, sgd_or_adam, spy_on_step_cache, step_if_manual
 from tests.hostreads import HostReadCounter
 
 ALL = ["norm", "value", "agc", "autoclip", "zclip", "skip"]
@@ -181,15 +181,7 @@ def test_reuses_published_norm(monkeypatch):
 def test_reuses_gradient_monitor_norm(monkeypatch):
     from bpkit.callbacks import GradientMonitor
 
-    lookups = []
-    original = _step_cache.lookup
-
-    def spy(*args, **kwargs):
-        entry = original(*args, **kwargs)
-        lookups.append(entry is not None)
-        return entry
-
-    monkeypatch.setattr(gc_module._step_cache, "lookup", spy)
+    lookups = spy_on_step_cache(monkeypatch)
     monkeypatch.setattr(gc_module._norms, "foreach_norms", lambda *a, **k: pytest.fail("norm computed twice"))
     ref = _reference_run(Regressor().net, _data(), lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5))
     model = Regressor()

@@ -17,9 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from bpkit.callbacks import GradientClipping, GradientMonitor, _step_cache
-from bpkit.callbacks import gradient_clipping as gc_module
-from tests._helpers import MemoryLogger
+from bpkit.callbacks import GradientClipping, GradientMonitor
+from tests._helpers import MemoryLogger, spy_on_step_cache
 
 
 def _data(n_batches: int = 60, batch_size: int = 64, spike: int | None = None, nan_batch: int | None = None,
@@ -152,15 +151,7 @@ class Backboned(pl.LightningModule):
 @pytest.mark.parametrize("how", ["BackboneFinetuning", "BackboneFinetuning+GradientMonitor", "requires_grad"])
 def test_parameters_unfrozen_mid_run_are_clipped(tmp_path, how, monkeypatch):
     max_norm = 0.5
-    hits = []
-    lookup = _step_cache.lookup
-
-    def spy(*args, **kwargs):
-        entry = lookup(*args, **kwargs)
-        hits.append(entry is not None)
-        return entry
-
-    monkeypatch.setattr(gc_module._step_cache, "lookup", spy)
+    hits = spy_on_step_cache(monkeypatch)
     after = Norms()
     backbone_grads = []
 

@@ -270,34 +270,37 @@ def test_detach_hiddens_any_structure():
     assert out["n"] is None and out["step"] == 3
 
 
+class LitModel(TBPTTModule):  # was: class LitModel(LightningModule)
+    """Lightning 1.x's truncated-BPTT docs example with only the base class changed (also in test_dropin_matrix)."""
+
+    def __init__(self):
+        super().__init__()
+        # Important: This property activates truncated backpropagation through time
+        # Setting this value to 2 splits the batch into sequences of size 2
+        self.truncated_bptt_steps = 2
+        self.lstm = torch.nn.LSTM(1, 8, batch_first=True)
+        self.linear = torch.nn.Linear(8, 1)
+
+    # Truncated back-propagation through time
+    def training_step(self, batch, batch_idx, hiddens):
+        # the training step must be updated to accept a ``hiddens`` argument
+        # hiddens are the hiddens from the previous truncated backprop step
+        data, target = batch
+        out, hiddens = self.lstm(data, hiddens)
+        loss = F.mse_loss(self.linear(out), target)
+        self.log("train_loss", loss)
+        return {"loss": loss, "hiddens": hiddens}
+
+    def validation_step(self, batch, batch_idx):
+        data, target = batch
+        out, _ = self.lstm(data)
+        self.log("val_loss", F.mse_loss(self.linear(out), target))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
 def test_lightning_1x_docs_module_runs_with_only_the_base_class_changed():
-    class LitModel(TBPTTModule):  # was: class LitModel(LightningModule)
-        def __init__(self):
-            super().__init__()
-            # Important: This property activates truncated backpropagation through time
-            # Setting this value to 2 splits the batch into sequences of size 2
-            self.truncated_bptt_steps = 2
-            self.lstm = torch.nn.LSTM(1, 8, batch_first=True)
-            self.linear = torch.nn.Linear(8, 1)
-
-        # Truncated back-propagation through time
-        def training_step(self, batch, batch_idx, hiddens):
-            # the training step must be updated to accept a ``hiddens`` argument
-            # hiddens are the hiddens from the previous truncated backprop step
-            data, target = batch
-            out, hiddens = self.lstm(data, hiddens)
-            loss = F.mse_loss(self.linear(out), target)
-            self.log("train_loss", loss)
-            return {"loss": loss, "hiddens": hiddens}
-
-        def validation_step(self, batch, batch_idx):
-            data, target = batch
-            out, _ = self.lstm(data)
-            self.log("val_loss", F.mse_loss(self.linear(out), target))
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-
     x = torch.randn(8, 7, 1)
     data = DataLoader(TensorDataset(x, x.cumsum(1)), batch_size=4)
     model = LitModel()

@@ -32,9 +32,21 @@ def interval(trainer: Any, own: int | None, who: str = "bpkit") -> int:
     return every
 
 
+def is_log_step(step: int, every: int) -> bool:
+    """Does the batch with this logging step log (Lightning's rule for ``train/*`` metrics)?"""
+    return every > 0 and (step + 1) % every == 0
+
+
 def is_log_batch(trainer: Any, every: int) -> bool:
-    """Does the current batch log (Lightning's rule for ``train/*`` metrics)?"""
-    return every > 0 and (batch_step(trainer) + 1) % every == 0
+    """Does the current batch log? :func:`is_log_step` of :func:`batch_step`."""
+    return is_log_step(batch_step(trainer), every)
+
+
+def ends_window(trainer: Any, pl_module: Any) -> bool:
+    """Is the current batch the last micro-batch of its optimizer window (checked in ``on_train_batch_end``)?
+    Always under manual optimization, where Lightning does not accumulate."""
+    should_accumulate = getattr(getattr(trainer, "fit_loop", None), "_should_accumulate", None)
+    return not (pl_module.automatic_optimization and callable(should_accumulate) and should_accumulate())
 
 
 def _warn_off(trainer: Any, who: str) -> None:

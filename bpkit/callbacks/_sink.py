@@ -231,7 +231,7 @@ def wandb_alert(trainer: Any, title: str, text: str, level: str = "WARN") -> int
     sent = 0
     for logger in _wandb_loggers(trainer):
         key = ("wandb.alert", id(logger))
-        if key in _broken(trainer) or id(logger) in _broken(trainer):
+        if id(logger) in _broken(trainer):  # the logger failed elsewhere (_safe skips a failed `key` by itself)
             continue
         ok = []
 

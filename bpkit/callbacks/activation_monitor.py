@@ -91,7 +91,6 @@ class ActivationMonitor(Callback):
             check_int("log_every_n_steps", log_every_n_steps, 0)
         self.log_every_n_steps = log_every_n_steps
         self._interval = 50
-        self._stepped = False  # an optimizer stepped during the current batch
         # per module: how much its input differs between samples, and its largest |input|
         self._spread: dict[str, torch.Tensor] = {}
         self._unused: set[str] = set()
@@ -171,10 +170,9 @@ class ActivationMonitor(Callback):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
         step = _cadence.batch_step(trainer)
-        self._stepped = False
         if self._collecting_step is not None and self._collecting_step != step:
             self._flush(trainer, pl_module)
-        if not self._targets or not _cadence.is_log_batch(trainer, self._interval):
+        if not self._targets or not _cadence.is_log_step(step, self._interval):
             return
         if self._collecting_step is None:
             self._collecting_step = step
@@ -189,12 +187,8 @@ class ActivationMonitor(Callback):
         if self._collecting_step is None:
             return
         # with gradient accumulation the micro-batches of one step are summed until the optimizer steps
-        if self._stepped or trainer.accumulate_grad_batches == 1 or not pl_module.automatic_optimization:
+        if _cadence.ends_window(trainer, pl_module):
             self._flush(trainer, pl_module)
-
-    @override
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
-        self._stepped = True
 
     # ----------------------------------------------------------------- hooks
     def _attach(self) -> None:

@@ -267,7 +267,6 @@ class GradientMonitor(Callback):
         self._pending_step: int | None = None  # the batch step whose statistics wait to be logged
         self._recent: dict[int, dict[str, Any]] = {}  # the last steps replayed, for a crash report
         self._unused_after = 10  # steps with an exactly zero gradient before a tensor is called unused
-        self._stepped = False
         self._inactive = False
 
     @property
@@ -292,16 +291,16 @@ class GradientMonitor(Callback):
         self._rows_capacity = (self._interval or 50) + 2  # with no periodic log, the rows are read back when full
         if not len(self._loss_rows):
             self._loss_rows = StepRows([(), ()], self._rows_capacity * max(1, int(trainer.accumulate_grad_batches or 1)))
-        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        self._inactive = not names
-        if not names:
+        named = list(pl_module.named_parameters())
+        self._inactive = not any(p.requires_grad for _, p in named)
+        if self._inactive:
             if self.include or self.exclude:
                 raise BpkitConfigError("include" if self.include else "exclude", list(self.include or self.exclude),
                                        "no include/exclude: this model has no trainable parameters")
             warnings.warn(f"bpkit GradientMonitor: {type(pl_module).__name__} has no trainable parameters; "
                           "there are no gradients to monitor and nothing is logged.", UserWarning, stacklevel=2)
             return
-        names = [n for n, _ in pl_module.named_parameters()]  # a glob may name layers that are unfrozen later
+        names = [n for n, _ in named]  # frozen ones too: a glob may name layers that are unfrozen later
         example = names[0]
         for key, globs in (("include", self.include), ("exclude", self.exclude)):
             for g in globs:
@@ -372,7 +371,6 @@ class GradientMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._stepped = False
         self._totals.clear()
         if "skip" in (self.on_nonfinite, self.on_exploding) or "stop" in (self.on_nonfinite, self.on_exploding):
             _buffers.save_for_skip(trainer, pl_module)  # a skipped step puts BatchNorm's running stats back
@@ -383,7 +381,6 @@ class GradientMonitor(Callback):
         plan = None if self._inactive else self._plan(trainer, pl_module, optimizer)
         if plan is None:
             return
-        self._stepped = True
         step = self._last_step = _cadence.batch_step(trainer)  # the step of this batch's train/loss
         present = tuple(p.grad is not None for p in plan.params)
         present_mask = None
@@ -401,7 +398,7 @@ class GradientMonitor(Callback):
             return
         grads = [p.grad for p in params]
         hist_step = self.histograms and self._interval > 0 and self._is_hist_step(step)
-        log_step = hist_step or (self._interval > 0 and (step + 1) % self._interval == 0)  # _cadence.is_log_batch
+        log_step = hist_step or _cadence.is_log_step(step, self._interval)
         check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
         device = grads[0].device
         if plan.rows.must_drain(device) or plan.checks.must_drain(device):

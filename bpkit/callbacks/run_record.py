@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink
-from bpkit.callbacks._cadence import batch_step, interval, is_log_batch
+from bpkit.callbacks._cadence import batch_step, ends_window, interval, is_log_step
 from bpkit.callbacks._checks import check_bool
 from bpkit.errors import check_int
 from bpkit.stats.readback import readback
@@ -165,8 +165,7 @@ class RunRecord(Callback):
         loss = self._returned(outputs)
         if loss is not None:  # under accumulation each micro-batch returns loss / accumulate_grad_batches
             self._window = loss if self._window is None else self._window + loss
-        should_accumulate = getattr(trainer.fit_loop, "_should_accumulate", None)
-        if pl_module.automatic_optimization and callable(should_accumulate) and should_accumulate():
+        if not ends_window(trainer, pl_module):
             return  # the window's last micro-batch logs (Lightning logs train/* only then too)
         window, self._window = self._window, None
         if window is not None:
@@ -175,7 +174,7 @@ class RunRecord(Callback):
                 self._sum, self._first_unread = window.float(), step
             else:
                 self._sum = self._sum + window
-        if step == self._last_step or not is_log_batch(trainer, self._every(trainer)):
+        if step == self._last_step or not is_log_step(step, self._every(trainer)):
             return
         self._last_step = step
         train = {}
@@ -387,7 +386,7 @@ class RunRecord(Callback):
         record, the ``.alerts`` of the Trainer's callbacks) as a W&B table ``report/alerts`` with the columns
         ``step, kind, where, message``, in step order. Nothing is logged for a run without alerts or without a
         W&B logger. Returns to how many W&B runs the table went."""
-        if not any(type(lg).__name__ == "WandbLogger" for lg in getattr(trainer, "loggers", None) or []):
+        if not _sink._wandb_loggers(trainer):
             return 0
         if alerts is None:
             alerts = [a.to_dict() for cb in getattr(trainer, "callbacks", []) for a in getattr(cb, "alerts", [])

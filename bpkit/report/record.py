@@ -125,13 +125,6 @@ def find_records(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in path.rglob(RECORD_NAME) if p.is_file())
 
 
-def _float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError, OverflowError):
-        return math.nan
-
-
 def _number(v: Any) -> float | None:
     """A JSON number (``NaN``/``Infinity`` included) as a float; ``None`` for anything else (strings, bools,
     ``null``, lists)."""
@@ -271,7 +264,8 @@ def _add(run: RunData, scalars: dict[str, tuple[list[int], list[float]]], kind: 
         alert = {**data, "step": at, "where": str(data.get("where", "") or ""),
                  "message": str(data.get("message", "") or "")}
         for k in ("value", "threshold"):
-            alert[k] = _float(data.get(k)) if _number(data.get(k)) is not None else math.nan
+            number = _number(data.get(k))
+            alert[k] = math.nan if number is None else number
         run.alerts.append(alert)
         return True
     if kind == "gradcheck":
