@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 ALERT_KINDS = ("vanishing", "exploding", "nonfinite", "spike", "dead", "saturated", "gradcheck", "unused")
@@ -43,6 +43,19 @@ class Alert:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Alert":
+        """The alert back from :meth:`to_dict` (a checkpoint, the run record); keys it does not know are ignored.
+
+        Example::
+
+            >>> a = Alert("spike", 3, "loss", 9.0, 4.0, "loss spike")
+            >>> Alert.from_dict({**a.to_dict(), "extra": 1}) == a
+            True
+        """
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def __str__(self) -> str:
         return f"[bpkit {self.kind} @ step {self.step}] {self.message}"

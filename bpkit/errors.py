@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -50,3 +50,25 @@ def check_float(key: str, value: Any, low: float | None = None, high: float | No
         rng = " and ".join(s for s in (lo, hi) if s)
         raise BpkitConfigError(key, value, f"a number {rng}".strip())
     return float(value)
+
+
+def check_bool(key: str, value: Any) -> bool:
+    """A real bool (``bool("false")`` is True: a string from a config file would silently mean the opposite)."""
+    if not isinstance(value, bool):
+        raise BpkitConfigError(key, value, "true or false")
+    return value
+
+
+def check_globs(key: str, value: Any) -> tuple[str, ...]:
+    """``None``, a glob string or a list of non-empty glob strings -> a tuple of globs."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items: tuple[Any, ...] = (value,)
+    elif isinstance(value, Sequence) and not isinstance(value, Mapping):
+        items = tuple(value)
+    else:
+        items = (None,)
+    if not items or any(not isinstance(item, str) or not item for item in items):
+        raise BpkitConfigError(key, value, "a glob string or a list of glob strings such as 'blocks.*.weight'")
+    return items

@@ -20,18 +20,18 @@ def step_if_manual(module, loss) -> None:
         opt.step()
 
 
-def spy_on_step_cache(monkeypatch) -> list[bool]:
-    """Record every lookup of the norms GradientMonitor shares with GradientClipping: ``True`` for a hit."""
-    from bpkit.callbacks import _step_cache
+def spy_on_shared_norms(monkeypatch) -> list[bool]:
+    """Record every time GradientClipping asks GradientMonitor for this step's norms: ``True`` for a hit."""
+    from bpkit.callbacks.gradient_monitor import GradientMonitor
 
-    original, hits = _step_cache.lookup, []
+    original, hits = GradientMonitor.step_norms, []
 
-    def spy(*args, **kwargs):
-        entry = original(*args, **kwargs)
+    def spy(self, *args, **kwargs):
+        entry = original(self, *args, **kwargs)
         hits.append(entry is not None)
         return entry
 
-    monkeypatch.setattr(_step_cache, "lookup", spy)
+    monkeypatch.setattr(GradientMonitor, "step_norms", spy)
     return hits
 
 

@@ -16,11 +16,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from bpkit.callbacks import GradientClipping, _step_cache
+from bpkit.callbacks import GradientClipping, GradientMonitor
 from bpkit.callbacks import gradient_clipping as gc_module
 from bpkit.errors import BpkitConfigError
+from bpkit.probe.gradient import StepNorms
 from bpkit.stats import norms as stats_norms
-from tests._helpers import MemoryLogger, sgd_or_adam, spy_on_step_cache, step_if_manual
+from tests._helpers import MemoryLogger, sgd_or_adam, spy_on_shared_norms, step_if_manual
 from tests.hostreads import HostReadCounter
 
 ALL = ["norm", "value", "agc", "autoclip", "zclip", "skip"]
@@ -148,16 +149,20 @@ def test_reuses_published_norm(monkeypatch):
         calls["n"] += 1
         return original(tensors, norm_type)
 
-    class Publisher(pl.Callback):
-        """Stands in for GradientMonitor: publishes this step's norms (computed without the counted function)."""
+    class Publisher(GradientMonitor):
+        """Stands in for GradientMonitor: hands over this step's norms (computed without the counted function)."""
 
         def __init__(self, factor: float = 1.0) -> None:
+            super().__init__()
             self.factor = factor
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            pass
+
+        def step_norms(self, trainer, pl_module, optimizer):
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             per = torch.stack([p.grad.norm() for p in params]) * self.factor
-            _step_cache.publish(pl_module, trainer, optimizer, params, per, per.norm())
+            return StepNorms(tuple(id(p) for p in params), per, per.norm())
 
     monkeypatch.setattr(gc_module._norms, "foreach_norms", counting)
     # hit: no norm computed by the clipping callback
@@ -181,7 +186,7 @@ def test_reuses_published_norm(monkeypatch):
 def test_reuses_gradient_monitor_norm(monkeypatch):
     from bpkit.callbacks import GradientMonitor
 
-    lookups = spy_on_step_cache(monkeypatch)
+    lookups = spy_on_shared_norms(monkeypatch)
     monkeypatch.setattr(gc_module._norms, "foreach_norms", lambda *a, **k: pytest.fail("norm computed twice"))
     ref = _reference_run(Regressor().net, _data(), lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5))
     model = Regressor()

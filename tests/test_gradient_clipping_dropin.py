@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from bpkit.callbacks import GradientClipping, GradientMonitor
-from tests._helpers import MemoryLogger, spy_on_step_cache
+from tests._helpers import MemoryLogger, spy_on_shared_norms
 
 
 def _data(n_batches: int = 60, batch_size: int = 64, spike: int | None = None, nan_batch: int | None = None,
@@ -151,7 +151,7 @@ class Backboned(pl.LightningModule):
 @pytest.mark.parametrize("how", ["BackboneFinetuning", "BackboneFinetuning+GradientMonitor", "requires_grad"])
 def test_parameters_unfrozen_mid_run_are_clipped(tmp_path, how, monkeypatch):
     max_norm = 0.5
-    hits = spy_on_step_cache(monkeypatch)
+    hits = spy_on_shared_norms(monkeypatch)
     after = Norms()
     backbone_grads = []
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bpkit import BpkitConfigError
-from bpkit.callbacks import GradientMonitor, _step_cache
+from bpkit.callbacks import GradientMonitor
 from bpkit.detect import NonFiniteGradientError
 from tests._helpers import MemoryLogger, OpRecorder, sgd_or_adam, step_if_manual
 from tests.hostreads import HostReadCounter
@@ -81,7 +81,9 @@ class GradRecorder(Callback):
         params = [p for p in pl_module.parameters() if p.grad is not None]
         self.grads.append({n: p.grad.detach().double().clone() for n, p in pl_module.named_parameters()
                            if p.grad is not None})
-        entry = _step_cache.lookup(pl_module, trainer, optimizer, params)
+        monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
+        entry = monitor.step_norms(trainer, pl_module, optimizer)
+        entry = entry if entry is not None and entry.param_ids == tuple(id(p) for p in params) else None
         self.published.append(None if entry is None else (entry.per_tensor.clone(), entry.total.clone()))
 
 
@@ -456,7 +458,7 @@ def test_buffered_rules_equal_the_detectors_fed_step_by_step(monkeypatch, max_ro
     # x1000 from step 72 on: the third step in a row above 100x the running median (the calibrated default) is 74
     assert ("exploding", 74) in [(k, s) for k, s, _ in want]
     assert got == want
-    assert mon._plans[0].rows.capacity == (42 if max_rows is None else max_rows)
+    assert mon.probe._plans[0].rows.capacity == (42 if max_rows is None else max_rows)
 
 
 def test_a_checkpoint_holds_the_steps_not_yet_replayed():
@@ -474,7 +476,7 @@ class _HistSteps(Callback):
         self.monitor, self.steps = monitor, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        pending = self.monitor._plans[0].pending if self.monitor._plans else None
+        pending = self.monitor.probe._plans[0].pending if self.monitor.probe._plans else None
         if pending is not None and "grad_hist" in pending:
             self.steps.append(trainer.global_step - 1)
 

@@ -21,7 +21,7 @@ def main(out: str, mode: str) -> None:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from bpkit.callbacks import GradientMonitor, _step_cache
+    from bpkit.callbacks import GradientMonitor
 
     class Net(pl.LightningModule):
         def __init__(self):
@@ -50,7 +50,8 @@ def main(out: str, mode: str) -> None:
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             params = [p for p in pl_module.parameters() if p.grad is not None]
-            entry = _step_cache.lookup(pl_module, trainer, optimizer, params)
+            monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
+            entry = monitor.step_norms(trainer, pl_module, optimizer)
             self.steps.append({"per_tensor": entry.per_tensor.tolist(), "total": entry.total.item()})
 
     record, monitor = Record(), GradientMonitor(log_every_n_steps=2)

@@ -13,25 +13,27 @@ import torch
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks.callback import Callback
 
 from bpkit.alert import Alert
-from bpkit.callbacks import _buffers, _cadence, _sink, _step_cache
+from bpkit.callbacks import _buffers, _sink
+from bpkit.callbacks._base import BpkitCallback
+from bpkit.callbacks.gradient_monitor import GradientMonitor
 from bpkit.clip import POLICIES, ClipPolicy, make_policy
-from bpkit.errors import BpkitConfigError, check_choice, check_int
+from bpkit.probe.gradient import WHERE_TOTAL_NORM, StepNorms
+from bpkit.errors import BpkitConfigError, check_choice
 from bpkit.stats import norms as _norms
 from bpkit.stats.readback import readback
 from bpkit.stats.sharded import ShardReduce, coalesce_grads_
 
 
-class GradientClipping(Callback):
+class GradientClipping(BpkitCallback):
     r"""Clip gradients with one of bpkit's policies, in automatic and manual optimization.
 
     Runs in ``on_before_optimizer_step``: after AMP unscaling, once per optimizer step under gradient
     accumulation, and also in manual optimization (where ``Trainer(gradient_clip_val=...)`` is not
-    allowed), so truncated BPTT can clip too. When a :class:`~bpkit.callbacks.GradientMonitor` placed
-    before it has published this step's norms, the total norm is reused, not recomputed; otherwise it
-    is computed in one fused pass. Nothing is read to the host except on logging steps and once at the end of
+    allowed), so truncated BPTT can clip too. When the Trainer also has a :class:`~bpkit.callbacks.GradientMonitor`
+    (before or after this callback in the list), the monitor measures the step's gradients before they are clipped
+    and this callback reuses its total norm; otherwise the norm is computed in one fused pass. Nothing is read to the host except on logging steps and once at the end of
     training, and for ``policy="skip"`` one 1-element read per step to decide whether to drop the update
     (a skipped step also puts back the module's buffers, e.g. BatchNorm running statistics, as they were
     before that step's forward pass). Parameters added to the optimizer mid-run (``BackboneFinetuning``,
@@ -70,6 +72,7 @@ class GradientClipping(Callback):
         trainer = Trainer(callbacks=[GradientMonitor(), GradientClipping("zclip", z_thresh=2.5)])
     """
 
+    who, metric_prefix = "bpkit GradientClipping", "clip"
     #: a run clipped "most steps" when more than this fraction of at least ``MIN_STEPS_TO_WARN`` steps was clipped
     MOST_STEPS = 0.5
     MIN_STEPS_TO_WARN = 20
@@ -82,10 +85,7 @@ class GradientClipping(Callback):
         self.policy_kwargs = {k: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
                               for k, v in policy_kwargs.items()}
         make_policy(policy, **policy_kwargs)  # validate every argument now, not at the first step
-        if log_every_n_steps is not None:
-            check_int("log_every_n_steps", log_every_n_steps, 0)
-        self.log_every_n_steps = log_every_n_steps
-        self.alerts: list[Alert] = []
+        super().__init__(log_every_n_steps)
         self._policies: dict[int, ClipPolicy] = {}
         self._pending: dict[int, dict[str, Any]] = {}
         self._steps: dict[int, int] = {}  # optimizer steps seen, per optimizer
@@ -95,7 +95,6 @@ class GradientClipping(Callback):
         self._log_norms: dict[int, deque[float]] = {}  # pre-clip total norms read at log steps (host)
         self._bound: dict[int, torch.Tensor | float] = {}  # the last step's threshold (a device tensor, unread)
         self._orders: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
-        self._every: int | None = None
         self._summary_due = False  # steps were taken in this fit and the summary is not written yet
 
     @property
@@ -116,7 +115,7 @@ class GradientClipping(Callback):
                 "None when the GradientClipping callback is used (two clippers would act on the same gradients); "
                 "remove it and use GradientClipping('norm', max_norm=...) or GradientClipping('value', clip_value=...)")
         self._orders = {}
-        self._every = None
+        self.reset_cadence()
         if self.policy == "agc":  # fail now on a model without parameters or a bad exclude name
             make_policy(self.policy, **self.policy_kwargs).bind(pl_module)
 
@@ -148,25 +147,35 @@ class GradientClipping(Callback):
         self._orders[id(optimizer)] = (key, order)
         return order
 
-    def _interval(self, trainer: "pl.Trainer") -> int:
-        if self._every is None:
-            self._every = _cadence.interval(trainer, self.log_every_n_steps, "bpkit GradientClipping")
-        return self._every
+    @staticmethod
+    def _shared_norms(trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> list[StepNorms]:
+        """The norms every GradientMonitor of the Trainer computed for this step. Asking makes a monitor placed
+        after this callback compute them now, on the gradients before clipping (and act first: a step it skips
+        has no gradients left to clip), so the order of the callbacks does not matter."""
+        shared = []
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, GradientMonitor):
+                entry = callback.step_norms(trainer, pl_module, optimizer)
+                if entry is not None:
+                    shared.append(entry)
+        return shared
 
     @staticmethod
-    def _total_norm(trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any,
-                    params: list[torch.Tensor], grads: list[torch.Tensor],
+    def _total_norm(shared: list[StepNorms], params: list[torch.Tensor], grads: list[torch.Tensor],
                     norm_type: float) -> tuple[torch.Tensor, float | None]:
-        """The total norm on the device, and on the host when GradientMonitor already read it this step."""
-        entry = _step_cache.lookup(pl_module, trainer, optimizer, params, norm_type)
-        if entry is not None:
-            return entry.total, entry.total_host
+        """The total norm on the device (a monitor's when it covers exactly these gradients), and on the host when
+        the monitor already read it this step."""
+        if shared:
+            ids = tuple(id(p) for p in params)
+            for entry in shared:
+                if entry.norm_type == float(norm_type) and entry.param_ids == ids:
+                    return entry.total, entry.total_host
         return _norms.total_norm(_norms.foreach_norms(grads, norm_type), norm_type), None
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._every = None
-        self._interval(trainer)  # warns now (once per Trainer) when log_every_n_steps=0 turns logging off
+        self.reset_cadence()
+        self.log_interval(trainer)  # warns now (once per Trainer) when log_every_n_steps=0 turns logging off
         self._summary_due = False
 
     @override
@@ -179,13 +188,14 @@ class GradientClipping(Callback):
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: torch.optim.Optimizer) -> None:
+        shared = self._shared_norms(trainer, pl_module, optimizer)
         params = [p for p in self._order(pl_module, optimizer) if p.grad is not None]
         if not params:
             return
         coalesce_grads_(params)
         full_grads = [p.grad for p in params]
         sharded = ShardReduce.of(full_grads)
-        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+        index = self.optimizer_index(trainer, optimizer)
         policy = self._policy(index, pl_module)
         # policies act on what this rank holds: FSDP2 local shards, sparse gradients' values (views)
         grads = policy.pieces(full_grads)
@@ -194,11 +204,11 @@ class GradientClipping(Callback):
                                                     "AGC's per-unit norms would need the full tensors")
         self._steps[index] = self._steps.get(index, 0) + 1
         self._summary_due = True
-        log_now = _cadence.is_log_batch(trainer, self._interval(trainer))
+        log_now = self.is_log_step(trainer)
 
         total, total_host = None, None
         if policy.needs_total_norm or log_now:
-            total, total_host = self._total_norm(trainer, pl_module, optimizer, params, full_grads, policy.norm_type)
+            total, total_host = self._total_norm(shared, params, full_grads, policy.norm_type)
         policy.total_host = total_host
         # a skip decided by another rank must leave this rank's statistics as that rank's: keep them to redo
         before = policy.state_dict() if self.policy == "skip" and trainer.world_size > 1 else None
@@ -240,17 +250,16 @@ class GradientClipping(Callback):
         _buffers.restore_after_skip(pl_module)  # and the forward pass's changes to buffers (BatchNorm) are undone
         norm, threshold = float(values["norm"]), float(values["threshold"])
         if not here:
-            alert = Alert("spike", _cadence.batch_step(trainer), "total gradient norm", norm, threshold,
+            alert = Alert("spike", self.batch_step(trainer), WHERE_TOTAL_NORM, norm, threshold,
                           f"another rank's gradient norm was non-finite or an outlier (this rank's: {norm:.4g}): "
                           "this update was skipped on every rank")
         elif math.isfinite(norm):
-            alert = Alert("spike", _cadence.batch_step(trainer), "total gradient norm", norm, threshold,
+            alert = Alert("spike", self.batch_step(trainer), WHERE_TOTAL_NORM, norm, threshold,
                           f"gradient norm {norm:.4g} is an outlier (threshold {threshold:.4g}): this update was skipped")
         else:
-            alert = Alert("nonfinite", _cadence.batch_step(trainer), "total gradient norm", norm, threshold,
+            alert = Alert("nonfinite", self.batch_step(trainer), WHERE_TOTAL_NORM, norm, threshold,
                           f"gradient norm is {norm}: this update was skipped")
-        self.alerts.append(alert)
-        _sink.log_alert(trainer, alert)
+        self.emit(trainer, [alert])
         return True, here
 
     def _log(self, trainer: "pl.Trainer", index: int, result: Any, total: torch.Tensor | None,
@@ -271,8 +280,8 @@ class GradientClipping(Callback):
             self._log_norms.setdefault(index, deque(maxlen=self.KEEP_NORMS)).append(pre)
         scalars = {"norm_pre": pre, "norm_post": float(values["norm_post"]), "threshold": float(values["threshold"]),
                    "clipped": fraction, "clipped_total": count / max(self._steps[index], 1)}
-        suffix = f"/opt{index}" if len(trainer.optimizers) > 1 else ""
-        _sink.log_scalars(trainer, {f"clip/{k}{suffix}": v for k, v in scalars.items()}, _cadence.batch_step(trainer))
+        suffix = f"/opt{index}" if self.several_optimizers(trainer) else ""
+        _sink.log_scalars(trainer, {f"clip/{k}{suffix}": v for k, v in scalars.items()}, self.batch_step(trainer))
 
     # ---------------------------------------------------------------- the end-of-run summary
 
@@ -329,7 +338,7 @@ class GradientClipping(Callback):
         tensors.update({f"bound{i}": torch.as_tensor(self._bound[i]) for i in indices
                         if isinstance(self._bound.get(i), torch.Tensor)})
         values = readback(tensors) if tensors else {}
-        step = _cadence.batch_step(trainer)
+        step = self.batch_step(trainer)
         for i in indices:
             steps = self._steps[i]
             clipped = int(values[f"count{i}"]) if f"count{i}" in values else 0
@@ -362,6 +371,7 @@ class GradientClipping(Callback):
         policies = {i: p.state_dict() for i, p in self._policies.items()}
         policies.update({i: s for i, s in self._pending.items() if i not in policies})
         return {
+            **super().state_dict(),
             "policy": self.policy,
             "policy_kwargs": dict(self.policy_kwargs),
             "policies": policies,
@@ -370,7 +380,6 @@ class GradientClipping(Callback):
             "clipped_total": {i: t.detach().clone() for i, t in self._clipped.items()},
             "clipped_at_log": dict(self._clipped_at_log),
             "log_norms": {i: list(d) for i, d in self._log_norms.items()},
-            "alerts": [a.to_dict() for a in self.alerts],
         }
 
     @override
@@ -391,4 +400,4 @@ class GradientClipping(Callback):
                              for i, t in state_dict.get("clipped", {}).items()}
             self._clipped_at_log = {}
         self._log_norms = {i: deque(v, maxlen=self.KEEP_NORMS) for i, v in state_dict.get("log_norms", {}).items()}
-        self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+        super().load_state_dict(state_dict)
