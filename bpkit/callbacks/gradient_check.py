@@ -9,12 +9,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink
+from bpkit.callbacks._base import BpkitCallback
 from bpkit.callbacks._checks import check_bool
 from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
 from bpkit.gradcheck import MODES, GradcheckError, GradcheckReport, GradcheckUnsupported, check_gradients
@@ -24,7 +24,7 @@ ON_FAILURE = ("warn", "raise")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-class GradientCheck(Callback):
+class GradientCheck(BpkitCallback):
     r"""Check the gradient of the whole LightningModule numerically when training starts.
 
     When the first training batch arrives (already on the device, before the first optimizer step)
@@ -90,12 +90,15 @@ class GradientCheck(Callback):
         True
     """
 
+    who, metric_prefix = "bpkit GradientCheck", "gradcheck"
+
     def __init__(self, mode: str = "directional", every_n_steps: int | None = None,
                  params: str | Sequence[str] | None = None, n_directions: int = 3, max_elements: int = 32,
                  eps: float | None = None, rtol: float | None = None, atol: float | None = None,
                  dtype: str | torch.dtype = "float64", on_failure: str = "warn", batch_independence: bool = False,
                  train: bool = True, seed: int = 0, progress: bool | str = "auto",
                  max_seconds: float | None = 5.0) -> None:
+        super().__init__()
         self.mode = check_choice("mode", mode, MODES)
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps)
         if params is not None and not isinstance(params, str):
@@ -118,7 +121,6 @@ class GradientCheck(Callback):
                                             max_seconds=self.max_seconds)
         validate_options(mode=mode, n_directions=n_directions, max_elements=max_elements, eps=eps, rtol=rtol,
                          atol=atol, dtype=dtype, seed=seed)
-        self.alerts: list[Alert] = []
         self.reports: list[tuple[int, GradcheckReport]] = []
         #: ``(step, why)`` for every check that could not run
         self.skipped: list[tuple[int, str]] = []
@@ -232,9 +234,7 @@ class GradientCheck(Callback):
                               f"limit) or narrow params=... to check more", UserWarning, stacklevel=2)
         failed = not report.passed
         if failed:
-            alert = _alert(report, step)
-            self.alerts.append(alert)
-            _sink.log_alert(trainer, alert)
+            self.emit(trainer, [_alert(report, step)])
         any_failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
         if any_failed and self.on_failure == "raise":
             raise GradcheckError(f"bpkit GradientCheck failed at step {step}"
@@ -242,12 +242,12 @@ class GradientCheck(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "alerts": [a.to_dict() for a in self.alerts]}
+        return {**super().state_dict(), "last_step": self._last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
-        self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+        super().load_state_dict(state_dict)
 
 
 def _optimized(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str] | None:
