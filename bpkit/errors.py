@@ -10,7 +10,22 @@ class BpkitConfigError(ValueError):
     """Bad configuration or argument.
 
     The message always names the key, the bad value and the accepted values, e.g.
-    ``model.depth=-1 is invalid: expected an integer >= 1``.
+    ``model.depth=-1 is invalid: expected an integer >= 1``. It is a ``ValueError``, so code that catches
+    those keeps working.
+
+    Args:
+        key: the argument or config key, e.g. ``"on_nonfinite"`` or ``"model.depth"``.
+        value: the value that was given.
+        expected: what is accepted, in words (``"one of warn, skip, stop, raise"``).
+
+    Example::
+
+        >>> from bpkit import BpkitConfigError
+        >>> error = BpkitConfigError("depth", -1, "an integer >= 1").with_prefix("model")
+        >>> print(error)
+        model.depth=-1 is invalid: expected an integer >= 1
+        >>> (error.key, error.value, isinstance(error, ValueError))
+        ('model.depth', -1, True)
     """
 
     def __init__(self, key: str, value: Any, expected: str) -> None:
@@ -25,6 +40,17 @@ class BpkitConfigError(ValueError):
 
 
 def check_choice(key: str, value: Any, choices: Iterable[str]) -> str:
+    """``value`` when it is one of ``choices``, else a :class:`BpkitConfigError` that lists them.
+
+    Example::
+
+        >>> check_choice("on_nonfinite", "skip", ["warn", "skip"])
+        'skip'
+        >>> check_choice("on_nonfinite", "Ab", ["warn", "skip"])
+        Traceback (most recent call last):
+        ...
+        bpkit.errors.BpkitConfigError: on_nonfinite='Ab' is invalid: expected one of warn, skip
+    """
     choices = tuple(choices)
     if value not in choices:
         raise BpkitConfigError(key, value, "one of " + ", ".join(choices))

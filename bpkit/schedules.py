@@ -87,16 +87,28 @@ def build_scheduler(optimizer: Optimizer, name: str = "constant", *, total_steps
             onecycle, polynomial or plateau.
         total_steps: length of training in scheduler steps; required by cosine, warmup_cosine, wsd,
             onecycle and polynomial (Lightning's ``estimated_stepping_batches`` when the training app builds it).
-        warmup_steps / warmup_ratio: linear warm-up (from ``warmup_start_factor`` x LR) in steps or as a
-            fraction of ``total_steps`` (warmup_cosine, wsd, and any schedule via SequentialLR).
+        warmup_steps: linear warm-up (from ``warmup_start_factor`` x LR) in steps (warmup_cosine, wsd, and any
+            schedule via SequentialLR).
+        warmup_ratio: the warm-up as a fraction of ``total_steps`` instead of ``warmup_steps``.
+        warmup_start_factor: the LR at the start of the warm-up, as a fraction of the LR, in (0, 1].
         min_lr_ratio: the final LR as a fraction of the peak (cosine, warmup_cosine, wsd), in [0, 1].
-        step_size, gamma: StepLR; milestones, gamma: MultiStepLR; gamma: ExponentialLR (per step).
-        restart_steps, restart_mult: CosineAnnealingWarmRestarts' T_0 and T_mult.
-        decay, decay_steps / decay_ratio: WSD's cool-down shape (linear, cosine or 1-sqrt) and length.
-        max_lr, pct_start, base_momentum, max_momentum: OneCycleLR (momentum, or Adam's beta1, cycles
-            opposite to the LR); max_lr defaults to the optimizer's LR.
+        step_size: StepLR's period in steps.
+        milestones: MultiStepLR's steps.
+        gamma: the decay factor of StepLR, MultiStepLR and ExponentialLR (per step).
+        restart_steps: CosineAnnealingWarmRestarts' T_0.
+        restart_mult: CosineAnnealingWarmRestarts' T_mult.
+        decay: WSD's cool-down shape: linear, cosine or 1-sqrt.
+        decay_steps: WSD's cool-down length in steps.
+        decay_ratio: WSD's cool-down length as a fraction of the steps after the warm-up (when ``decay_steps`` is None).
+        max_lr: OneCycleLR's peak LR; defaults to the optimizer's LR.
+        pct_start: OneCycleLR's fraction of the cycle spent raising the LR.
+        base_momentum: OneCycleLR's lowest momentum (or Adam's beta1), reached at the peak LR: the momentum
+            cycles opposite to the LR.
+        max_momentum: OneCycleLR's highest momentum (or Adam's beta1).
         power: PolynomialLR's power.
-        mode, factor, patience: ReduceLROnPlateau (step it with the monitored metric).
+        mode: ReduceLROnPlateau's mode, min or max (step it with the monitored metric).
+        factor: ReduceLROnPlateau's factor.
+        patience: ReduceLROnPlateau's patience in epochs.
 
     Raises:
         BpkitConfigError: unknown name, a missing total, warm-up longer than training, a ratio outside 0..1.

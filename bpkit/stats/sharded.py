@@ -69,7 +69,7 @@ class ShardReduce:
     """Combine per-tensor statistics of local shards into the statistics of the full tensors.
 
     Args:
-        mesh: the device mesh of the DTensors.
+        mesh (DeviceMesh): the device mesh of the DTensors.
         counts: per tensor, whether this rank's local piece is counted (False for the copies of a
             replicated placement held by ranks other than coordinate 0).
 
