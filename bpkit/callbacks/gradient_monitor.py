@@ -199,10 +199,11 @@ class GradientMonitor(BpkitCallback):
         try:
             ok = self.probe.step(self.batch_step(trainer), optimizer=optimizer)
         except (NonFiniteGradientError, ExplodingGradientError):
-            self.emit(trainer, self.probe.take_new_alerts())
+            self.emit(trainer, self.probe.take_new_alerts())  # the run ends here: the metric now
             raise
         self._norms[id(optimizer)] = self.probe.last_norms
-        self.emit(trainer, self.probe.take_new_alerts())
+        # an action's alert is warned and recorded now; its grad/alert/<kind> count comes with the next log step's
+        self.emit(trainer, self.probe.take_new_alerts(), log_metric=False)
         if not ok:
             _buffers.restore_after_skip(pl_module)  # the forward of this step moved BatchNorm's running stats
             if self.probe.should_stop:

@@ -197,7 +197,8 @@ class GradientProbe:
     already set the gradients to ``None``, so even an ``optimizer.step()`` leaves the weights and the optimizer state
     as they were. Call :meth:`flush` at log steps (:meth:`is_log_step`): the one host read, which returns a flat dict
     of metrics (``grad/norm_total``, ``grad/norm/<name>``, ``grad/max/<name>``, ``weight/norm/<name>``,
-    ``update/ratio/<name>``, ``grad/alert/<kind>``, ``grad/skipped_steps``: the keys GradientMonitor logs), puts the
+    ``update/ratio/<name>``, ``grad/alert/<kind>`` (alerts since the last flush), ``grad/skipped_steps``: the keys
+    GradientMonitor logs; with several optimizers ``grad/opt<i>/norm_total`` and ``grad/norm/opt<i>/<name>``), puts the
     histograms in :attr:`histograms`, and appends new alerts to :attr:`alerts`. Between log steps nothing is read
     from the device (except the one number an action needs per step).
 
@@ -288,6 +289,7 @@ class GradientProbe:
         self.reduce_any: Callable[[bool], bool] | None = None
         self.world_size: int | None = None  # None: torch.distributed's
         self._new_alerts: list[Alert] = []
+        self._since_flush: list[Alert] = []  # counted in the next flush's grad/alert/<kind>
         self._plans: dict[int, _Plan] = {}
         self._plan_by_opt: dict[int, _Plan] = {}
         self._loaded: dict[str, Any] = {}
@@ -749,6 +751,7 @@ class GradientProbe:
     def _add_alerts(self, found: list[Alert]) -> None:
         self.alerts.extend(found)
         self._new_alerts.extend(found)
+        self._since_flush.extend(found)
 
     def take_new_alerts(self) -> list[Alert]:
         """The alerts added since the last call (all of them are also in :attr:`alerts`)."""
@@ -795,11 +798,12 @@ class GradientProbe:
             found += self._unused_alerts(plan)
         if self._loss_spike is not None:
             found += self._loss_spike.alerts()
-        for alert in found:
+        self._add_alerts(found)
+        for alert in self._since_flush:  # the rules' alerts of this flush and the actions' since the last one
             metrics[f"grad/alert/{alert.kind}"] = metrics.get(f"grad/alert/{alert.kind}", 0.0) + 1.0
+        self._since_flush = []
         if self.skipped_steps:
             metrics["grad/skipped_steps"] = float(self.skipped_steps)
-        self._add_alerts(found)
         return metrics
 
     def _metrics(self, plan: _Plan, i: int, host: dict[str, np.ndarray], metrics: dict[str, float],
