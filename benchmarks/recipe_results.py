@@ -1,11 +1,11 @@
-"""Run the recipes' sweeps and write the README "Results" tables from what actually happened.
+"""Run the recipes' sweeps and write the "Results" tables of the docs (docs/results.md) from what actually happened.
 
 For every recipe this launches its default sweep as a real ``bpkit-train -m`` multirun (CSV logger,
 one torch thread, no per-run HTML report), then reads each job's bpkit record and reports, per job:
 the swept values, the final validation metric, the first-to-last layer gradient ratio (median over
 the logged steps of ``grad/norm`` of the first weight matrix over that of the last) and bpkit's
 findings (``bpkit.report.diagnose``). Tables go to ``benchmarks/results/recipes.md`` and, with
-``--readme``, between the RESULTS markers of README.md.
+``--readme``, between the RESULTS markers of docs/results.md.
 
 Usage::
 
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(CPU_RECIPES))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipes_runs"))
     parser.add_argument("--quick", action="store_true", help="1 epoch per job")
-    parser.add_argument("--readme", action="store_true", help="also replace README's Results section")
+    parser.add_argument("--readme", action="store_true", help="also replace the Results section of docs/results.md")
     parser.add_argument("--reuse", action="store_true", help="read existing sweeps under --out instead of running")
     args = parser.parse_args()
     out = Path(args.out)
@@ -169,7 +169,7 @@ def main() -> None:
     text = "\n\n".join(parts) + "\n"
     (ROOT / "benchmarks" / "results" / "recipes.md").write_text("## Recipe results\n\n" + text)
     if args.readme:
-        readme = ROOT / "README.md"
+        readme = ROOT / "docs" / "results.md"
         s = readme.read_text()
         s = re.sub(r"(<!-- RESULTS:BEGIN -->\n).*?(<!-- RESULTS:END -->)", lambda m: m.group(1) + text + m.group(2),
                    s, flags=re.S)

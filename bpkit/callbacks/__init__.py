@@ -2,10 +2,10 @@
 
 Example::
 
-    from lightning.pytorch import Trainer
-    from bpkit.callbacks import GradientMonitor, ActivationMonitor, GradientClipping
-
-    trainer = Trainer(callbacks=[GradientMonitor(), ActivationMonitor(), GradientClipping("zclip")])
+    >>> from lightning.pytorch import Trainer
+    >>> from bpkit.callbacks import GradientMonitor, ActivationMonitor, GradientClipping
+    >>> trainer = Trainer(callbacks=[GradientMonitor(), ActivationMonitor(), GradientClipping("zclip")],
+    ...                   logger=False, enable_progress_bar=False, enable_model_summary=False)
 """
 
 from importlib import import_module

@@ -27,7 +27,7 @@ from bpkit.stats.sharded import ShardReduce, coalesce_grads_
 
 
 class GradientClipping(BpkitCallback):
-    r"""Clip gradients with one of bpkit's policies, in automatic and manual optimization.
+    """Clip gradients with one of bpkit's policies, in automatic and manual optimization.
 
     Runs in ``on_before_optimizer_step``: after AMP unscaling, once per optimizer step under gradient
     accumulation, and also in manual optimization (where ``Trainer(gradient_clip_val=...)`` is not
@@ -58,7 +58,7 @@ class GradientClipping(BpkitCallback):
         policy: ``norm``, ``value``, ``agc``, ``autoclip``, ``zclip`` or ``skip`` (see :mod:`bpkit.clip`).
         log_every_n_steps: logging interval in batches (>= 1), Lightning's rule; ``None`` uses the Trainer's;
             0 logs no statistics (the end-of-run summary is still written).
-        \**policy_kwargs: the policy's arguments, e.g. ``max_norm=1.0`` for ``norm``.
+        **policy_kwargs: the policy's arguments, e.g. ``max_norm=1.0`` for ``norm``.
 
     Raises:
         BpkitConfigError: on an unknown policy or a bad policy argument (at construction), and at setup when
@@ -66,10 +66,10 @@ class GradientClipping(BpkitCallback):
 
     Example::
 
-        from lightning.pytorch import Trainer
-        from bpkit.callbacks import GradientMonitor, GradientClipping
-
-        trainer = Trainer(callbacks=[GradientMonitor(), GradientClipping("zclip", z_thresh=2.5)])
+        >>> from lightning.pytorch import Trainer
+        >>> from bpkit.callbacks import GradientMonitor, GradientClipping
+        >>> trainer = Trainer(callbacks=[GradientMonitor(), GradientClipping("zclip", z_thresh=2.5)], logger=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
     """
 
     who, metric_prefix = "bpkit GradientClipping", "clip"

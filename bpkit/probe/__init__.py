@@ -3,17 +3,21 @@ PyTorch loop, Lightning Fabric or bpkit's Lightning callbacks alike. No Lightnin
 
 Example::
 
-    from bpkit import GradientProbe
-
-    probe = GradientProbe(model)
-    for step, (x, y) in enumerate(loader):
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        if probe.step(step, loss=loss):  # False: a non-finite (or, by your choice, exploding) step: skip it
-            optimizer.step()
-        optimizer.zero_grad()
-        if (step + 1) % 50 == 0:
-            print(probe.flush())  # the one host read: a flat dict of metrics; new alerts in probe.alerts
+    >>> import torch
+    >>> from bpkit import GradientProbe
+    >>> model = torch.nn.Linear(3, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> probe = GradientProbe(model, log_every_n_steps=2, histograms=False)
+    >>> for step in range(4):
+    ...     loss = model(torch.randn(8, 3)).pow(2).mean()
+    ...     loss.backward()
+    ...     if probe.step(step, loss=loss):  # False: a non-finite (or, by your choice, exploding) step: skip it
+    ...         optimizer.step()
+    ...     optimizer.zero_grad()
+    ...     if probe.is_log_step(step):
+    ...         metrics = probe.flush()  # the one host read: a flat dict of metrics; new alerts in probe.alerts
+    >>> sorted(metrics)[:3]
+    ['grad/max/bias', 'grad/max/weight', 'grad/norm/bias']
 """
 
 from importlib import import_module
