@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-ALERT_KINDS = ("vanishing", "exploding", "nonfinite", "spike", "dead", "saturated", "gradcheck", "unused")
+ALERT_KINDS = ("vanishing", "exploding", "nonfinite", "spike", "dead", "saturated", "gradcheck", "unused", "sharpness",
+               "saddle")
 
 
 @dataclass(frozen=True)
@@ -13,15 +14,18 @@ class Alert:
     """A problem found by a bpkit monitor, in plain words.
 
     Args:
-        kind: one of ``vanishing, exploding, nonfinite, spike, dead, saturated, gradcheck, unused``
-            (``unused``: a parameter that got an exactly zero gradient on every step because its input is
-            all zeros: structurally unused, not vanishing).
+        kind: one of ``vanishing, exploding, nonfinite, spike, dead, saturated, gradcheck, unused, sharpness,
+            saddle`` (``unused``: a parameter that got an exactly zero gradient on every step because its input is
+            all zeros: structurally unused, not vanishing; ``sharpness``: the loss surface is too curved for the
+            learning rate; ``saddle``: a small gradient with significant negative curvature).
         step: the step at which it was seen (Lightning's logging step of that batch, the step of its ``train/loss``).
         where: parameter or module name(s) as in ``named_parameters()``/``named_modules()``;
             several names are joined with ``", "``.
         value: the measured value that triggered the alert.
         threshold: the threshold it crossed.
         message: one plain sentence saying what is wrong and what to try.
+        origin: where the problem starts, when it is known (the module where a NaN first appears, the module
+            that mixes the samples of a batch, and the samples involved); ``None`` otherwise.
 
     Example::
 
@@ -36,6 +40,7 @@ class Alert:
     value: float
     threshold: float
     message: str
+    origin: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ALERT_KINDS:
