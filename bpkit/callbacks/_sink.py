@@ -4,14 +4,17 @@ A callback reads its statistics back to the host once per log interval and hands
 numbers and numpy histograms to :func:`log_scalars`, :func:`log_histograms` and
 :func:`log_alert`. These fan out to every logger of the Trainer (scalars to any logger,
 histograms to W&B and TensorBoard) and append to the local run record
-(``<log dir>/bpkit_record.jsonl``) that ``bpkit-report`` reads. Only rank 0 writes. A logger that
-raises (W&B unreachable, disk full) never stops training: the problem is warned about once and
-that logger is skipped for the rest of the run.
+(``<log dir>/bpkit_record.jsonl``, in the format :mod:`bpkit.record` defines) that ``bpkit-report`` reads.
+Only rank 0 writes. A logger that raises (W&B unreachable, disk full) never stops training: the problem is
+warned about once and that logger is skipped for the rest of the run.
+
+Loggers are told apart by type (``isinstance`` against ``lightning.pytorch.loggers``' classes), so a subclass of
+``WandbLogger`` or ``TensorBoardLogger`` gets the histograms, images, tables and ``wandb.alert`` its base class gets.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import warnings
@@ -21,14 +24,50 @@ from weakref import WeakKeyDictionary
 import numpy as np
 
 from bpkit.alert import Alert
+from bpkit.record import ENTRY_ALERT, ENTRY_HISTOGRAMS, ENTRY_IMAGE, ENTRY_SCALARS, RECORD_NAME, append_entry
 
-RECORD_NAME = "bpkit_record.jsonl"
+__all__ = ["RECORD_NAME", "is_csv", "is_tensorboard", "is_wandb", "log_alert", "log_histograms", "log_image",
+           "log_record", "log_scalars", "log_table", "record_path", "wandb_alert", "wandb_is_online", "wandb_loggers"]
+
 # per Trainer (held weakly): the outputs that failed once and are skipped for the rest of its runs
 _BROKEN: "WeakKeyDictionary[Any, set[Any]]" = WeakKeyDictionary()
 
 
 def _is_rank_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
+
+
+@functools.lru_cache(maxsize=None)
+def _logger_class(name: str) -> type | None:
+    """``lightning.pytorch.loggers.<name>``, or ``None`` where it cannot be imported."""
+    try:
+        from lightning.pytorch import loggers
+    except ImportError:  # pragma: no cover - Lightning is a dependency; an odd install must not break the sink
+        return None
+    cls = getattr(loggers, name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _is_logger(logger: Any, name: str) -> bool:
+    # the real class (and so any subclass of it); a stand-in of that exact class name (a test double, a proxy that
+    # only mimics the logger) is taken at its word, as before
+    cls = _logger_class(name)
+    return (cls is not None and isinstance(logger, cls)) or type(logger).__name__ == name
+
+
+def is_wandb(logger: Any) -> bool:
+    """Whether ``logger`` is a Lightning ``WandbLogger`` (or a subclass of it)."""
+    return _is_logger(logger, "WandbLogger")
+
+
+def is_tensorboard(logger: Any) -> bool:
+    """Whether ``logger`` is a Lightning ``TensorBoardLogger`` (or a subclass of it)."""
+    return _is_logger(logger, "TensorBoardLogger")
+
+
+def is_csv(logger: Any) -> bool:
+    """Whether ``logger`` is a Lightning ``CSVLogger`` (or a subclass of it)."""
+    return _is_logger(logger, "CSVLogger")
 
 
 def record_path(trainer: Any) -> str:
@@ -40,7 +79,7 @@ def record_path(trainer: Any) -> str:
     base = None
     if loggers:
         first = loggers[0]
-        if type(first).__name__ in ("CSVLogger", "TensorBoardLogger"):
+        if is_csv(first) or is_tensorboard(first):
             base = getattr(first, "log_dir", None)
         else:
             base = getattr(first, "save_dir", None)
@@ -71,25 +110,15 @@ def _safe(trainer: Any, target: Any, what: str, fn) -> None:
 _CHECKED_ENDS: set[str] = set()  # record files whose last line was checked for completeness in this process
 
 
-def _ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def _append_record(trainer: Any, entry: dict[str, Any]) -> None:
+def _append_record(trainer: Any, entry_type: str, step: int, data: dict[str, Any]) -> None:
     path = record_path(trainer)
 
     def write() -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            if path not in _CHECKED_ENDS:
-                # a run killed mid-write left a partial last line: end it, so this run's first entry stays whole
-                _CHECKED_ENDS.add(path)
-                if f.tell() > 0 and not _ends_with_newline(path):
-                    f.write("\n")
-            f.write(json.dumps(entry, allow_nan=True) + "\n")
-            f.flush()
+        # a run killed mid-write left a partial last line: the first write of this process ends it, so this run's
+        # first entry stays whole. The file is opened with this module's ``open`` (a test stands in a full disk).
+        check_end = path not in _CHECKED_ENDS
+        _CHECKED_ENDS.add(path)
+        append_entry(path, entry_type, step, data, check_end=check_end, opener=open)
 
     _safe(trainer, ("record", path), f"writing the bpkit record {path}", write)
 
@@ -101,7 +130,7 @@ def log_scalars(trainer: Any, metrics: dict[str, float], step: int) -> None:
     clean = {k: float(v) for k, v in metrics.items()}
     for logger in getattr(trainer, "loggers", []):
         _safe(trainer, logger, f"{type(logger).__name__}.log_metrics", lambda lg=logger: lg.log_metrics(clean, step))
-    _append_record(trainer, {"type": "scalars", "step": int(step), "data": clean})
+    _append_record(trainer, ENTRY_SCALARS, step, clean)
 
 
 def log_histograms(trainer: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]], step: int) -> None:
@@ -109,15 +138,12 @@ def log_histograms(trainer: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]]
     if not hists or not _is_rank_zero(trainer):
         return
     for logger in getattr(trainer, "loggers", []):
-        name = type(logger).__name__
-        if name == "WandbLogger":
+        if is_wandb(logger):
             _safe(trainer, logger, "W&B histogram logging", lambda lg=logger: _wandb_histograms(lg, hists, step))
-        elif name == "TensorBoardLogger":
+        elif is_tensorboard(logger):
             _safe(trainer, logger, "TensorBoard histogram logging", lambda lg=logger: _tb_histograms(lg, hists, step))
-    _append_record(trainer, {
-        "type": "histograms", "step": int(step),
-        "data": {k: {"counts": np.asarray(c).tolist(), "edges": np.asarray(e).tolist()} for k, (c, e) in hists.items()},
-    })
+    data = {k: {"counts": np.asarray(c).tolist(), "edges": np.asarray(e).tolist()} for k, (c, e) in hists.items()}
+    _append_record(trainer, ENTRY_HISTOGRAMS, step, data)
 
 
 def log_alert(trainer: Any, alert: Alert, warn: bool = True) -> None:
@@ -126,13 +152,14 @@ def log_alert(trainer: Any, alert: Alert, warn: bool = True) -> None:
         return
     if warn:
         warnings.warn(str(alert), UserWarning, stacklevel=3)
-    _append_record(trainer, {"type": "alert", "step": int(alert.step), "data": alert.to_dict()})
+    _append_record(trainer, ENTRY_ALERT, alert.step, alert.to_dict())
 
 
 def log_record(trainer: Any, entry_type: str, step: int, data: dict[str, Any]) -> None:
-    """Append any other JSON-serialisable entry (gradient-check tables, run metadata) to the record."""
+    """Append any other JSON-serialisable entry (gradient-check tables, run metadata) to the record; ``entry_type``
+    is one of :data:`bpkit.record.ENTRY_TYPES`."""
     if _is_rank_zero(trainer):
-        _append_record(trainer, {"type": entry_type, "step": int(step), "data": data})
+        _append_record(trainer, entry_type, step, data)
 
 
 def _finite_edges(edges: np.ndarray) -> np.ndarray:
@@ -173,12 +200,11 @@ def log_image(trainer: Any, key: str, path: str, step: int = 0, caption: str | N
     if not _is_rank_zero(trainer):
         return
     for logger in getattr(trainer, "loggers", []):
-        name = type(logger).__name__
-        if name == "WandbLogger":
+        if is_wandb(logger):
             _safe(trainer, logger, "W&B image logging",
                   lambda lg=logger: lg.log_image(key=key, images=[path], step=step,
                                                  caption=[caption] if caption else None))
-        elif name == "TensorBoardLogger":
+        elif is_tensorboard(logger):
             def tb(lg=logger) -> None:
                 import matplotlib.image as mpimg
 
@@ -186,11 +212,12 @@ def log_image(trainer: Any, key: str, path: str, step: int = 0, caption: str | N
                 lg.experiment.add_image(key, img[..., :3], global_step=step, dataformats="HWC")
 
             _safe(trainer, logger, "TensorBoard image logging", tb)
-    _append_record(trainer, {"type": "image", "step": int(step), "data": {"key": key, "path": str(path)}})
+    _append_record(trainer, ENTRY_IMAGE, step, {"key": key, "path": str(path)})
 
 
-def _wandb_loggers(trainer: Any) -> list[Any]:
-    return [lg for lg in getattr(trainer, "loggers", None) or [] if type(lg).__name__ == "WandbLogger"]
+def wandb_loggers(trainer: Any) -> list[Any]:
+    """The Trainer's W&B loggers (``WandbLogger`` and its subclasses), in order."""
+    return [lg for lg in getattr(trainer, "loggers", None) or [] if is_wandb(lg)]
 
 
 def log_table(trainer: Any, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> int:
@@ -199,7 +226,7 @@ def log_table(trainer: Any, key: str, columns: list[str], rows: list[list[Any]],
     if not _is_rank_zero(trainer):
         return 0
     sent = 0
-    for logger in _wandb_loggers(trainer):
+    for logger in wandb_loggers(trainer):
         ok = []
 
         def table(lg=logger) -> None:
@@ -229,7 +256,7 @@ def wandb_alert(trainer: Any, title: str, text: str, level: str = "WARN") -> int
     if not _is_rank_zero(trainer):
         return 0
     sent = 0
-    for logger in _wandb_loggers(trainer):
+    for logger in wandb_loggers(trainer):
         key = ("wandb.alert", id(logger))
         if id(logger) in _broken(trainer):  # the logger failed elsewhere (_safe skips a failed `key` by itself)
             continue

@@ -13,14 +13,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from typing_extensions import override
 
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink
-from bpkit.callbacks._cadence import batch_step, ends_window, interval, is_log_step
+from bpkit.callbacks._base import BpkitCallback
 from bpkit.callbacks._checks import check_bool
-from bpkit.errors import check_int
+from bpkit.diagnosis.findings import diagnose
+from bpkit.record import (ENTRY_LAST_STEPS, ENTRY_RUN, ENTRY_SCALARS, RETURNED_LOSS_KEY, WHERE_LOSS, alerts_from,
+                          read_record, read_run)
 from bpkit.stats.readback import readback
 
 _ACTIVATIONS = tuple(v for v in vars(torch.nn.modules.activation).values()
@@ -31,13 +32,13 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-LOSS_KEY = "loss/train_returned"
+LOSS_KEY = RETURNED_LOSS_KEY
 """Record key of the loss ``training_step`` returned (``outputs["loss"]``), written at the log steps."""
 LAST_STEPS = 16
 """How many of the last optimizer steps' returned losses RunRecord keeps on the device for a crash report."""
 
 
-class RunRecord(Callback):
+class RunRecord(BpkitCallback):
     r"""Append the training loss, the learning rate of every parameter group, validation metrics and the
     run's start and end (``finished``, ``crashed`` or ``interrupted``) to the local run record
     (``<log dir>/bpkit_record.jsonl``) that ``bpkit-report`` reads.
@@ -85,21 +86,18 @@ class RunRecord(Callback):
         ...                      enable_progress_bar=False, enable_model_summary=False)
     """
 
+    who, metric_prefix = "bpkit RunRecord", "loss"
+
     def __init__(self, log_every_n_steps: int | None = None, gradient_flow_image: bool = True,
                  wandb_alerts: bool = True) -> None:
-        super().__init__()
-        if log_every_n_steps is not None:
-            check_int("log_every_n_steps", log_every_n_steps, 0)
-        self.log_every_n_steps = log_every_n_steps
+        super().__init__(log_every_n_steps)
         self.gradient_flow_image = check_bool("gradient_flow_image", gradient_flow_image)
         self.wandb_alerts = check_bool("wandb_alerts", wandb_alerts)
         self.alerts_sent: list[str] = []
-        self.alerts: list[Alert] = []
         self._last_step = -1
         self._ended = False
         self._started = False
         self._loss_bad = False  # the last drained interval had a non-finite returned loss (alert on the change)
-        self._cached_every: int | None = None
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -114,7 +112,7 @@ class RunRecord(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ended = False
         self._started = False
-        self._cached_every = None
+        self.reset_cadence()
         self._reset_buffers()
 
     @override
@@ -127,7 +125,7 @@ class RunRecord(Callback):
             return
         self._started = True
         data: dict[str, Any] = {"event": "start", "status": "running", "start_time": _now(),
-                                "log_every_n_steps": self._every(trainer), "resumed_at_step": int(trainer.global_step),
+                                "log_every_n_steps": self.log_interval(trainer), "resumed_at_step": int(trainer.global_step),
                                 "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
                                 "versions": {"torch": torch.__version__, "lightning": pl.__version__}}
         try:
@@ -143,12 +141,7 @@ class RunRecord(Callback):
             data["optimizers"] = [type(o).__name__ for o in trainer.optimizers]
         except Exception:  # a crash before setup finished: the start entry still goes out
             pass
-        _sink.log_record(trainer, "run", trainer.global_step, data)
-
-    def _every(self, trainer: pl.Trainer) -> int:
-        if self._cached_every is None:
-            self._cached_every = interval(trainer, self.log_every_n_steps, "bpkit RunRecord")
-        return self._cached_every
+        _sink.log_record(trainer, ENTRY_RUN, trainer.global_step, data)
 
     # ------------------------------------------------------------------ the cadence
     @staticmethod
@@ -161,11 +154,11 @@ class RunRecord(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = batch_step(trainer)
+        step = self.batch_step(trainer)
         loss = self._returned(outputs)
         if loss is not None:  # under accumulation each micro-batch returns loss / accumulate_grad_batches
             self._window = loss if self._window is None else self._window + loss
-        if not ends_window(trainer, pl_module):
+        if not self.ends_window(trainer, pl_module):
             return  # the window's last micro-batch logs (Lightning logs train/* only then too)
         window, self._window = self._window, None
         if window is not None:
@@ -174,7 +167,7 @@ class RunRecord(Callback):
                 self._sum, self._first_unread = window.float(), step
             else:
                 self._sum = self._sum + window
-        if step == self._last_step or not is_log_step(step, self._every(trainer)):
+        if step == self._last_step or not self.is_log_step(trainer, step):
             return
         self._last_step = step
         train = {}
@@ -193,7 +186,7 @@ class RunRecord(Callback):
                            **self._pending()})
         metrics = {k[2:]: v for k, v in host.items() if k.startswith("m:")}
         if metrics:
-            _sink.log_record(trainer, "scalars", step, metrics)
+            _sink.log_record(trainer, ENTRY_SCALARS, step, metrics)
         lr_values = {k[2:]: v for k, v in host.items() if k.startswith("l:")}
         if lr_values:
             _sink.log_scalars(trainer, lr_values, step)
@@ -260,11 +253,10 @@ class RunRecord(Callback):
                 at = next((s for s in sorted(recent) if not math.isfinite(recent[s])), None)
                 value = recent[at] if at is not None else host["s:sum"]
                 when = f"at step {at}" if at is not None else f"between steps {first} and {last}"
-                alert = Alert("nonfinite", at if at is not None else first, "loss", float(value), 0.0,
+                alert = Alert("nonfinite", at if at is not None else first, WHERE_LOSS, float(value), 0.0,
                               f"the loss training_step returned is {value} {when}: NaN/Inf loss. Lower the learning "
                               f"rate, check the loss for log(0) or a division by zero, or clip gradients.")
-                self.alerts.append(alert)
-                _sink.log_alert(trainer, alert)
+                self.emit(trainer, [alert])
             self._loss_bad = bad
         self._sum = None
         if recent:
@@ -296,7 +288,7 @@ class RunRecord(Callback):
         values = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
         host = self._read(values)
         if host:  # at the step Lightning logs them (the step of the last training batch's train/* metrics)
-            _sink.log_record(trainer, "scalars", batch_step(trainer), host)
+            _sink.log_record(trainer, ENTRY_SCALARS, self.batch_step(trainer), host)
 
     # ------------------------------------------------------------------ the end
     @override
@@ -329,12 +321,10 @@ class RunRecord(Callback):
                 warnings.warn(f"bpkit RunRecord: the alerts table failed: {exc!r}", RuntimeWarning, stacklevel=2)
 
     @staticmethod
-    def _recorded_alerts(trainer: pl.Trainer) -> list[Any] | None:
-        """The run record's alert entries (every bpkit callback's), or ``None`` without a record."""
-        from bpkit.report.record import read_run
-
+    def _recorded_alerts(trainer: pl.Trainer) -> list[Alert] | None:
+        """The run record's alerts (every bpkit callback's), or ``None`` without a record."""
         path = _sink.record_path(trainer)
-        return read_run(path).alerts if os.path.isfile(path) else None
+        return alerts_from(read_record(path)) if os.path.isfile(path) else None
 
     def _write_last_steps(self, trainer: pl.Trainer, error: str) -> None:
         """The returned losses of the steps since the last log step and the learning rates, as a ``last_steps``
@@ -349,7 +339,7 @@ class RunRecord(Callback):
             "steps": steps, "loss": [_json_float(recent[s]) for s in steps],
             "nonfinite": [not math.isfinite(recent[s]) for s in steps], "exception": error[:2000],
             "lr": {k[2:]: _json_float(v) for k, v in host.items() if k.startswith("l:lr/")}, "source": "RunRecord"}
-        _sink.log_record(trainer, "last_steps", batch_step(trainer), data)
+        _sink.log_record(trainer, ENTRY_LAST_STEPS, self.batch_step(trainer), data)
 
     def _end(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
         if self._ended:
@@ -358,13 +348,10 @@ class RunRecord(Callback):
         data: dict[str, Any] = {"event": "end", "status": status, "end_time": _now(), "end_step": trainer.global_step}
         if error:
             data["error"] = error[:2000]
-        _sink.log_record(trainer, "run", trainer.global_step, data)
+        _sink.log_record(trainer, ENTRY_RUN, trainer.global_step, data)
 
     def _after_fit(self, trainer: pl.Trainer) -> None:
-        # the report package draws and diagnoses; imported here, at the end, as an entry point would
-        from bpkit.report import plots
-        from bpkit.report.findings import diagnose
-        from bpkit.report.record import read_run
+        from bpkit.diagnosis import plots  # matplotlib: imported at the end of fit only
 
         path = _sink.record_path(trainer)
         if not os.path.isfile(path):
@@ -386,7 +373,7 @@ class RunRecord(Callback):
         record, the ``.alerts`` of the Trainer's callbacks) as a W&B table ``report/alerts`` with the columns
         ``step, kind, where, message``, in step order. Nothing is logged for a run without alerts or without a
         W&B logger. Returns to how many W&B runs the table went."""
-        if not _sink._wandb_loggers(trainer):
+        if not _sink.wandb_loggers(trainer):
             return 0
         if alerts is None:
             alerts = [a.to_dict() for cb in getattr(trainer, "callbacks", []) for a in getattr(cb, "alerts", [])
@@ -410,12 +397,12 @@ class RunRecord(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "alerts": [a.to_dict() for a in self.alerts], "loss_bad": self._loss_bad}
+        return {**super().state_dict(), "last_step": self._last_step, "loss_bad": self._loss_bad}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
-        self.alerts = [Alert(**a) for a in state_dict.get("alerts", [])]
+        super().load_state_dict(state_dict)
         self._loss_bad = bool(state_dict.get("loss_bad", False))
 
 

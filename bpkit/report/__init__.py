@@ -9,8 +9,8 @@ Example::
         print(finding.text())
 """
 
-from bpkit.report.findings import NO_PROBLEMS, NO_STATISTICS, Finding, diagnose, summary_line, train_loss_keys
-from bpkit.report.record import RunData, find_record, read_run
+from bpkit.diagnosis.findings import NO_PROBLEMS, NO_STATISTICS, Finding, diagnose, summary_line, train_loss_keys
+from bpkit.record import RunData, find_record, read_run
 from bpkit.report.write import REPORT_NAME, is_multirun, write_multirun_report, write_report
 
 __all__ = ["NO_PROBLEMS", "NO_STATISTICS", "REPORT_NAME", "Finding", "RunData", "diagnose", "find_record",

@@ -31,8 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print", dest="show", action="store_true", help="also print the findings as text")
     args = parser.parse_args(argv)
 
-    from bpkit.report.findings import diagnose, summary_line
-    from bpkit.report.record import read_run
+    from bpkit.diagnosis.findings import diagnose, summary_line
+    from bpkit.record import read_run
     from bpkit.report.write import REPORT_NAME, collect_jobs, is_multirun, several_runs, write_report
 
     try:

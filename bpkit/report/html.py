@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bpkit.report.findings import (NO_PROBLEMS, Finding, last_steps_table, no_statistics_note, plural,
-                                   root_findings, train_loss_keys)
-from bpkit.report.record import RunData
+from bpkit.diagnosis.findings import (NO_PROBLEMS, Finding, last_steps_table, no_statistics_note, plural,
+                                      root_findings, train_loss_keys)
+from bpkit.record import RunData
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from bpkit.errors import BpkitConfigError
+from bpkit.diagnosis import plots
+from bpkit.diagnosis.findings import Finding, diagnose, summary_line, train_loss_keys
+from bpkit.record import RECORD_NAME, RunData, find_records, read_run
 from bpkit.report import html as H
-from bpkit.report import plots
-from bpkit.report.findings import Finding, diagnose, summary_line, train_loss_keys
-from bpkit.report.record import RECORD_NAME, RunData, find_records, read_run
 
 REPORT_NAME = "bpkit_report.html"
 SWEEP_SUMMARY = "bpkit_sweep.jsonl"  # bpkit.sweep.SUMMARY_NAME
@@ -311,7 +311,7 @@ def _sweep_loss(rows: list[JobRow], shared: list[str] | None = None, best: JobRo
     if not series:
         return None
     shared = shared or []
-    fig = plots._figure(11, 4.6)
+    fig = plots.figure(11, 4.6)
     ax = fig.add_subplot()
     for r, key, (s, v) in series:
         own = " ".join(o for o in r.overrides if o not in shared) or "(shared overrides only)"
