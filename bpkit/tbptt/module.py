@@ -10,6 +10,11 @@ on the class, as in 1.x. :class:`TBPTTModule` binds, per instance, a ``training_
 that Lightning calls once per batch; it splits the batch, calls the class's 3-argument ``training_step`` on
 each chunk, and runs ``manual_backward``/``optimizer.step``/``zero_grad``. Calling
 ``module.training_step(chunk, batch_idx, hiddens)`` yourself runs just your step.
+
+The chunking and carry loop itself is :class:`bpkit.tbptt.engine.TruncatedBPTT` (pure torch, no Lightning
+import); this module adds only the Lightning 1.x contract around it: the options as attributes, the user's
+3-argument ``training_step``, ``tbptt_split_batch``, manual optimization through Lightning's optimizer
+wrappers and ``manual_backward``, LR schedulers, logging, carried state across batches and checkpoints.
 """
 
 from __future__ import annotations
@@ -21,78 +26,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils import _pytree as pytree
 from typing_extensions import override
 
 from bpkit.errors import BpkitConfigError, check_choice, check_int
 from bpkit.task import BackpropTask
+from bpkit.tbptt.engine import TruncatedBPTT, _batch_size, backprop_multiple, split_batch
 
 SCHEDULER_PER = ("chunk", "batch")
-
-
-def detach_hiddens(hiddens: Any) -> Any:
-    """Detach every tensor in a hidden state of any structure (tensor, tuple, list, dict, nesting)."""
-    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, hiddens)
-
-
-def time_length(batch: Any, time_dim: int = 1) -> int:
-    """The length along ``time_dim`` shared by every tensor of ``batch`` that has that dimension.
-
-    Raises:
-        BpkitConfigError: when no tensor has a time dimension, or tensors disagree on its length.
-    """
-    leaves = pytree.tree_leaves(batch)
-    shapes = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
-    lengths = {s[time_dim] for s in shapes if len(s) > time_dim}
-    if not lengths:
-        raise BpkitConfigError("batch", _describe(shapes),
-                               f"at least one tensor with a time dimension at dim {time_dim} (batch, time, ...) to "
-                               "split for truncated BPTT; set tbptt_time_dim or override tbptt_split_batch")
-    if len(lengths) > 1:
-        raise BpkitConfigError("batch", _describe(shapes),
-                               f"tensors that agree on their length along the time dim {time_dim} "
-                               f"(found {sorted(lengths)}); override tbptt_split_batch to say how to split this batch")
-    return lengths.pop()
-
-
-def split_batch(batch: Any, split_size: int, time_dim: int = 1) -> list[Any]:
-    """Split a batch into consecutive chunks of exactly ``split_size`` steps along ``time_dim`` (the last shorter).
-
-    Every tensor with a ``time_dim`` dimension is sliced (views, no copy); tensors with fewer dimensions and
-    non-tensor leaves are handed unchanged to every chunk. Nested lists, tuples, dicts and named tuples keep
-    their structure.
-
-    Raises:
-        BpkitConfigError: on ``split_size`` < 1, a batch without a time dimension, or tensors that disagree on it.
-
-    Example::
-
-        >>> import torch
-        >>> x, y = torch.zeros(4, 10, 3), torch.zeros(4, 10)
-        >>> [tuple(c[0].shape) for c in split_batch((x, y), 4)]
-        [(4, 4, 3), (4, 4, 3), (4, 2, 3)]
-    """
-    check_int("split_size", split_size)
-    total = time_length(batch, time_dim)
-    leaves, spec = pytree.tree_flatten(batch)
-    chunks = []
-    for start in range(0, total, split_size):
-        stop = min(start + split_size, total)
-        cut = [t.narrow(time_dim, start, stop - start) if isinstance(t, torch.Tensor) and t.dim() > time_dim else t
-               for t in leaves]
-        chunks.append(pytree.tree_unflatten(cut, spec))
-    return chunks
-
-
-def _describe(shapes: list[tuple[int, ...]]) -> str:
-    return "tensors of shapes " + ", ".join(str(s) for s in shapes) if shapes else "no tensors"
-
-
-def _batch_size(batch: Any) -> int | None:
-    for t in pytree.tree_leaves(batch):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    return None
 
 
 class TBPTTModule(pl.LightningModule):
@@ -118,9 +58,10 @@ class TBPTTModule(pl.LightningModule):
     then backpropagates. Every time step's loss is used once; its gradient reaches ``k2 - k1`` to ``k2``
     steps back. ``k2 = k1`` is plain TBPTT(k).
 
-    Options are attributes, set in ``__init__`` like ``truncated_bptt_steps`` (validated on assignment):
+    Options are attributes, set in ``__init__`` like ``truncated_bptt_steps`` (validated on assignment). The
+    chunking and carry loop is :class:`bpkit.tbptt.engine.TruncatedBPTT`, built from these options per batch.
 
-    Args:
+    Attributes:
         truncated_bptt_steps: ``k1``, time steps per chunk (>= 1); ``None`` trains on whole sequences.
         tbptt_backprop_steps: ``k2``, time steps each update backpropagates through; ``None`` means ``k1``.
         tbptt_accumulate_chunks: chunks whose gradients are summed (each loss divided by their count) before
@@ -232,13 +173,14 @@ class TBPTTModule(pl.LightningModule):
         self._tbptt_time_dim = check_int("tbptt_time_dim", value, minimum=0)
 
     def _backprop_multiple(self) -> int:
-        k1, k2 = self.truncated_bptt_steps, self.tbptt_backprop_steps
-        if k1 is None or k2 is None:
-            return 1
-        if k2 % k1:
-            raise BpkitConfigError("tbptt_backprop_steps", k2,
-                                   f"a multiple of truncated_bptt_steps={k1} (k2 = m * k1, m >= 1)")
-        return k2 // k1
+        return backprop_multiple(self.truncated_bptt_steps, self.tbptt_backprop_steps,
+                                 "truncated_bptt_steps", "tbptt_backprop_steps")
+
+    def _tbptt_engine(self) -> TruncatedBPTT:
+        """The framework-free loop, built from the options as they are now (they are plain attributes)."""
+        self._backprop_multiple()  # a k2 that is not a multiple of k1 fails with this module's option names
+        return TruncatedBPTT(self.truncated_bptt_steps, self.tbptt_backprop_steps, self.tbptt_accumulate_chunks,
+                             self.tbptt_time_dim)
 
     # -- user-overridable hooks --------------------------------------------------------------
     def tbptt_split_batch(self, batch: Any, split_size: int) -> Sequence[Any]:
@@ -266,24 +208,14 @@ class TBPTTModule(pl.LightningModule):
                                    "the truncated-BPTT signature training_step(self, batch, batch_idx, hiddens)")
         self._tbptt_checked = True
 
-    def _parse_output(self, output: Any) -> tuple[torch.Tensor | None, Any]:
-        if isinstance(output, dict) and output.get("hiddens") is not None and "loss" in output:
-            return output["loss"], output["hiddens"]
-        if isinstance(output, (tuple, list)) and len(output) == 2 and output[1] is not None:
-            return output[0], output[1]
-        raise BpkitConfigError(f"{type(self).__name__}.training_step return value", _short(output),
-                               "{'loss': loss, 'hiddens': hiddens} or (loss, hiddens) with hiddens not None: "
-                               "truncated BPTT carries the returned hiddens into the next chunk")
-
     def _tbptt_run(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         self._check_user_step()
+        engine = self._tbptt_engine()
         k1 = self.truncated_bptt_steps
-        m = self._backprop_multiple()
         splits = list(self.tbptt_split_batch(batch, k1)) if k1 is not None else [batch]
         if not splits:
             raise BpkitConfigError("tbptt_split_batch", "[]", "at least one chunk")
-        num = len(splits)
-        self.tbptt_num_splits = num
+        self.tbptt_num_splits = len(splits)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
 
@@ -292,63 +224,32 @@ class TBPTTModule(pl.LightningModule):
             self._tbptt_epoch = epoch
             self._tbptt_hiddens = None
         start = self._tbptt_hiddens if self.tbptt_carry_hiddens else None
-
-        for opt in optimizers:
-            opt.zero_grad()
-        lengths = [self._chunk_length(s) for s in splits]
         bsz = _batch_size(batch)
-        acc = self.tbptt_accumulate_chunks
-        seq_sum: torch.Tensor | None = None
-        seq_weight = 0
-        group_has_loss = False
-        hiddens = start
-        for n in range(num):
-            first = max(0, n - m + 1)
-            hiddens = start
-            next_start = start
-            for j in range(first, n + 1):
-                self.tbptt_split_idx, self.tbptt_recomputing = j, j < n
-                loss, hiddens = self._parse_output(type(self).training_step(self, splits[j], batch_idx, hiddens))
-                if j == first and n - m + 2 > first:  # the next window starts right after this chunk
-                    next_start = detach_hiddens(hiddens)
-            self.tbptt_recomputing = False
-            group_start = n - n % acc
-            group_len = min(acc, num - group_start)
-            if loss is not None:
-                if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-                    raise BpkitConfigError(f"{type(self).__name__}.training_step loss", _short(loss),
-                                           "a tensor that requires grad (or None to skip the chunk)")
-                self.manual_backward(loss / group_len if group_len > 1 else loss)
-                group_has_loss = True
-                detached = loss.detach()
-                weight = lengths[n]
-                seq_sum = detached * weight if seq_sum is None else seq_sum + detached * weight
-                seq_weight += weight
-                if self.tbptt_log_loss:
-                    self.log(self.tbptt_chunk_loss_key, detached, on_step=True, on_epoch=True, batch_size=bsz)
-            if n == group_start + group_len - 1 and group_has_loss:
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad()
-                if self.tbptt_scheduler_per == "chunk":
-                    self._step_schedulers("step")
-                group_has_loss = False
-            start = next_start
-        final = detach_hiddens(hiddens)
-        if self.tbptt_carry_hiddens:
-            self._tbptt_hiddens = final
-        if self.tbptt_scheduler_per == "batch" and seq_sum is not None:
-            self._step_schedulers("step")
-        seq_loss = seq_sum / seq_weight if seq_sum is not None else None
-        if seq_loss is not None and self.tbptt_log_loss:
-            self.log(self.tbptt_seq_loss_key, seq_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bsz)
-        return {"loss": seq_loss, "hiddens": final}
+        user_step = type(self).training_step
 
-    def _chunk_length(self, chunk: Any) -> int:
+        def step(chunk: Any, hiddens: Any) -> Any:
+            self.tbptt_split_idx, self.tbptt_recomputing = engine.index, engine.recomputing
+            return user_step(self, chunk, batch_idx, hiddens)
+
+        def log_chunk(loss: torch.Tensor, index: int) -> None:
+            if self.tbptt_log_loss:
+                self.log(self.tbptt_chunk_loss_key, loss, on_step=True, on_epoch=True, batch_size=bsz)
+
+        per_chunk = self.tbptt_scheduler_per == "chunk"
         try:
-            return time_length(chunk, self.tbptt_time_dim)
-        except BpkitConfigError:  # a custom split the default rule cannot measure: weigh chunks equally
-            return 1
+            result = engine.run(batch, step, optimizers, hiddens=start, chunks=splits, backward=self.manual_backward,
+                                on_update=(lambda: self._step_schedulers("step")) if per_chunk else None,
+                                on_chunk_loss=log_chunk, owner=f"{type(self).__name__}.training_step")
+        finally:
+            self.tbptt_recomputing = False
+        if self.tbptt_carry_hiddens:
+            self._tbptt_hiddens = result.hiddens
+        if not per_chunk and result.loss is not None:
+            self._step_schedulers("step")
+        if result.loss is not None and self.tbptt_log_loss:
+            self.log(self.tbptt_seq_loss_key, result.loss, on_step=True, on_epoch=True, prog_bar=True,
+                     batch_size=bsz)
+        return {"loss": result.loss, "hiddens": result.hiddens}
 
     # -- schedulers ----------------------------------------------------------------------------
     def _step_schedulers(self, interval: str) -> None:
@@ -399,14 +300,6 @@ class TBPTTModule(pl.LightningModule):
         self._tbptt_sched_steps = state.get("scheduler_steps", 0)
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in value.items()) + "}"
-    if isinstance(value, (tuple, list)):
-        return type(value).__name__ + " of " + ", ".join(type(v).__name__ for v in value)
-    return type(value).__name__
-
-
 class TBPTTTask(TBPTTModule, BackpropTask):
     """:class:`~bpkit.task.BackpropTask` trained with truncated BPTT: bpkit's RNN on bpkit's sequence data.
 
@@ -421,8 +314,14 @@ class TBPTTTask(TBPTTModule, BackpropTask):
 
     Args:
         model: a model returning ``(output, hidden)`` and taking ``model(x, hidden)`` (``bpkit.models.RNN``).
-        loss, optimizer, scheduler, metrics, num_classes, scheduler_interval, scheduler_monitor: as in
-            :class:`~bpkit.task.BackpropTask`.
+        loss: as in :class:`~bpkit.task.BackpropTask`.
+        optimizer: as in :class:`~bpkit.task.BackpropTask`.
+        scheduler: as in :class:`~bpkit.task.BackpropTask`.
+        metrics: as in :class:`~bpkit.task.BackpropTask`.
+        num_classes: as in :class:`~bpkit.task.BackpropTask`.
+        scheduler_interval: as in :class:`~bpkit.task.BackpropTask`.
+        scheduler_monitor: as in :class:`~bpkit.task.BackpropTask`; also the metric ReduceLROnPlateau reads
+            (``tbptt_scheduler_monitor``).
         truncated_bptt_steps: ``k1`` (see :class:`TBPTTModule`); ``None`` trains on whole sequences.
         backprop_steps: ``k2``, a multiple of ``k1``; ``None`` means ``k1``.
         accumulate_chunks: chunks per optimizer step.
