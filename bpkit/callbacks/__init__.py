@@ -16,6 +16,8 @@ _EXPORTS = {
     "GradientClipping": "bpkit.callbacks.gradient_clipping",
     "GradientCheck": "bpkit.callbacks.gradient_check",
     "RunRecord": "bpkit.callbacks.run_record",
+    "CurvatureMonitor": "bpkit.callbacks.curvature_monitor",
+    "NoiseScaleMonitor": "bpkit.callbacks.noise_scale_monitor",
 }
 __all__ = list(_EXPORTS)
 

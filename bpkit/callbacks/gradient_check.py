@@ -15,6 +15,7 @@ from typing_extensions import override
 from bpkit.alert import Alert
 from bpkit.callbacks import _sink
 from bpkit.callbacks._base import BpkitCallback
+from bpkit.record import ENTRY_GRADCHECK, WHERE_BATCH
 from bpkit.callbacks._checks import check_bool
 from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
 from bpkit.gradcheck import MODES, GradcheckError, GradcheckReport, GradcheckUnsupported, check_gradients
@@ -212,12 +213,12 @@ class GradientCheck(BpkitCallback):
         if trainer.is_global_zero and reason not in self._warned:  # once per reason: every_n_steps would repeat it
             self._warned.add(reason)
             warnings.warn(message, UserWarning, stacklevel=2)
-        _sink.log_record(trainer, "gradcheck", step, {"skipped": reason, "hint": hint})
+        _sink.log_record(trainer, ENTRY_GRADCHECK, step, {"skipped": reason, "hint": hint})
         trainer.strategy.reduce_boolean_decision(False, all=False)  # the same collectives as a check on every rank
 
     def _handle(self, trainer: pl.Trainer, report: GradcheckReport, step: int) -> None:
         self.reports.append((step, report))
-        _sink.log_record(trainer, "gradcheck", step, report.to_dict())
+        _sink.log_record(trainer, ENTRY_GRADCHECK, step, report.to_dict())
         _sink.log_scalars(trainer, {"gradcheck/max_rel_error": report.max_rel_error,
                                     "gradcheck/failed_tensors": float(len(report.failed)),
                                     "gradcheck/inconclusive_tensors": float(len(report.inconclusive)),
@@ -281,7 +282,7 @@ def _alert(report: GradcheckReport, step: int) -> Alert:
         leaks = [s for s in bi.samples if s["leaking"]]
         message = (f"batch independence failed: the output of sample {leaks[0]['sample']} depends on the input of "
                    f"{leaks[0]['leaking']} other sample(s); a view/reshape or a batch-wide reduction mixes samples")
-        where, value = "batch", max(s["max_leak"] for s in bi.samples)
+        where, value = WHERE_BATCH, max(s["max_leak"] for s in bi.samples)
     return Alert("gradcheck", step, where, float(value), float(report.rtol), message)
 
 

@@ -19,7 +19,8 @@ from bpkit.callbacks import _buffers, _sink
 from bpkit.callbacks._base import BpkitCallback
 from bpkit.callbacks.gradient_monitor import GradientMonitor
 from bpkit.clip import POLICIES, ClipPolicy, make_policy
-from bpkit.probe.gradient import WHERE_TOTAL_NORM, StepNorms
+from bpkit.probe.gradient import StepNorms
+from bpkit.record import ENTRY_CLIP_SUMMARY, WHERE_TOTAL_NORM
 from bpkit.errors import BpkitConfigError, check_choice
 from bpkit.stats import norms as _norms
 from bpkit.stats.readback import readback
@@ -350,7 +351,7 @@ class GradientClipping(BpkitCallback):
             message = self._message(steps, clipped, typical, bound) if fraction > self.MOST_STEPS else None
             data = {"policy": self.policy, "optimizer": i, "steps": steps, "clipped": clipped, "fraction": fraction,
                     "typical_norm": typical, "bound": bound, "message": message}
-            _sink.log_record(trainer, "clip_summary", step, data)
+            _sink.log_record(trainer, ENTRY_CLIP_SUMMARY, step, data)
             if message is not None and steps >= self.MIN_STEPS_TO_WARN and getattr(trainer, "is_global_zero", True):
                 warnings.warn(message, UserWarning, stacklevel=2)
 

@@ -21,6 +21,7 @@ from bpkit.callbacks._base import BpkitCallback
 from bpkit.detect import ExplodingGradientError, NonFiniteGradientError
 from bpkit.errors import BpkitConfigError
 from bpkit.probe.gradient import GradientProbe, StepNorms
+from bpkit.record import ENTRY_LAST_STEPS
 
 def _run_length(trainer: pl.Trainer) -> float | None:
     """The run's optimizer steps when Lightning knows them (``estimated_stepping_batches``, else ``max_steps``)."""
@@ -242,7 +243,7 @@ class GradientMonitor(BpkitCallback):
         recent = self.probe.recent_steps()
         if recent:
             recent["exception"] = f"{type(exception).__name__}: {exception}"
-            _sink.log_record(trainer, "last_steps", recent["steps"][-1], recent)
+            _sink.log_record(trainer, ENTRY_LAST_STEPS, recent["steps"][-1], recent)
 
     # ---------------------------------------------------------------- checkpointing
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from bpkit.alert import Alert
+from bpkit.record import WHERE_TOTAL_NORM
 from bpkit.detect._base import TINY, Detector, as_vector, join_names, median_low
 from bpkit.errors import check_float, check_int
 
@@ -131,4 +132,4 @@ class ExplodingDetector(Detector):
         msg = (f"exploding gradients: the total gradient norm reached {peak:.3g} ({rule}; threshold {thr:.3g}) "
                f"on {count} step(s) since the last report. Fastest-growing tensors against their running average: "
                f"{growth_txt}. Clip gradients (GradientClipping), lower the learning rate or add warm-up.")
-        return [Alert("exploding", first, join_names(grown) if grown else "total", peak, thr, msg)]
+        return [Alert("exploding", first, join_names(grown) if grown else WHERE_TOTAL_NORM, peak, thr, msg)]

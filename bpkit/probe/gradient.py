@@ -21,6 +21,7 @@ from bpkit.detect import (ExplodingDetector, ExplodingGradientError, NonFiniteDe
                           SpikeDetector, VanishingDetector)
 from bpkit.detect.nonfinite import nonfinite_message
 from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
+from bpkit.record import WHERE_TOTAL_NORM
 from bpkit.stats.grads import GradStats, grad_stats
 from bpkit.stats.histograms import LogHistogramSpec, log_histograms
 from bpkit.stats.norms import group_norms
@@ -30,8 +31,6 @@ from bpkit.stats.updates import snapshot, update_norms, update_ratios
 
 ACTIONS = ("warn", "skip", "stop", "raise")
 GROUP_BY = ("parameter", "module")
-WHERE_TOTAL_NORM = "total gradient norm"
-"""``Alert.where`` of an alert about the total gradient norm, not one tensor."""
 
 
 def _detector_kwargs(key: str, value: Any, cls: type) -> dict[str, Any] | None:
