@@ -222,3 +222,17 @@ def test_the_engines_import_no_lightning():
     for path in [p for d in engines for p in d.glob("*.py")] + [ROOT / "bpkit" / "schedules.py"]:
         for module, _ in _imports(path):
             assert not module.startswith(("lightning", "pytorch_lightning", "bpkit.callbacks")), (path, module)
+
+
+class NanLoss(Net):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == 1 else loss
+
+
+def test_run_record_alerts_survive_a_resume(tmp_path):
+    from bpkit.callbacks import RunRecord
+
+    first, second = _resume(tmp_path, RunRecord, NanLoss)
+    assert [(a.kind, a.where) for a in first.alerts] == [("nonfinite", "loss")]
+    assert _same(second.alerts[: len(first.alerts)], first.alerts)

@@ -131,7 +131,7 @@ class GradientClipping(BpkitCallback):
 
     def _order(self, pl_module: "pl.LightningModule", optimizer: Any) -> list[torch.Tensor]:
         """Every parameter of ``optimizer`` (frozen ones too: the per-step ``p.grad is not None`` filter picks the
-        ones with a gradient), in the module's order as GradientMonitor publishes, so that the step cache hits.
+        ones with a gradient), in the module's order, as GradientMonitor measures them, so that its norms can be reused.
 
         Rebuilt when the optimizer's parameter groups change (``add_param_group``, a group's list replaced or
         grown): the key costs a loop over the groups, not over the parameters.
