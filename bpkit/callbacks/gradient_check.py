@@ -282,7 +282,10 @@ def _alert(report: GradcheckReport, step: int) -> Alert:
         leaks = [s for s in bi.samples if s["leaking"]]
         message = (f"batch independence failed: the output of sample {leaks[0]['sample']} depends on the input of "
                    f"{leaks[0]['leaking']} other sample(s); a view/reshape or a batch-wide reduction mixes samples")
+        if bi.origin:
+            message += f". It happens {bi.origin}"
         where, value = WHERE_BATCH, max(s["max_leak"] for s in bi.samples)
+        return Alert("gradcheck", step, where, float(value), float(report.rtol), message, origin=bi.origin)
     return Alert("gradcheck", step, where, float(value), float(report.rtol), message)
 
 

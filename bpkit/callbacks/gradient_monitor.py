@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,7 +52,11 @@ class GradientMonitor(BpkitCallback):
     while frozen tensors stay out of the per-layer scalars. A tensor whose gradient is exactly zero on
     every step (its input is all zeros) is reported once as ``unused``, not as vanishing. A skipped step
     (``on_nonfinite="skip"``) also puts back the buffers its forward pass changed (BatchNorm's running
-    statistics). A run that crashes writes its buffered steps and alerts, and the last steps' loss and
+    statistics). On such a step (one process, automatic optimization) the monitor replays the batch's
+    ``training_step`` once with hooks on every module and names where the first NaN/Inf appears, in the alert's
+    ``origin`` and message: the module whose output is first non-finite (forward), else the one whose input gradient
+    is non-finite from a finite output gradient (backward), and the samples of the batch involved. Healthy steps
+    never pay for it. A run that crashes writes its buffered steps and alerts, and the last steps' loss and
     gradient norm (a ``last_steps`` entry of the run record).
 
     Args:
@@ -89,10 +93,16 @@ class GradientMonitor(BpkitCallback):
             steps before its first NaN): ``benchmarks/results/calibration.md``.
         spike: ``True``, ``False`` or options of :class:`bpkit.detect.SpikeDetector` (``z``, ``alpha``,
             ``warmup``, ``min_std``), applied to the loss and to the total gradient norm.
-        check_every_n_steps: the vanishing rule sees every this many steps and the logging steps (with the
-            weight norms of the last logging step); the non-finite, exploding and spike rules see every step.
+        check_every_n_steps: the vanishing and steady-explosion rules see every this many steps and the logging
+            steps (with the weight norms of the last logging step); the non-finite, exploding and spike rules see
+            every step.
         histogram_range: ``(low, high)`` in log10 units of the histogram bins.
         bins_per_decade: histogram bins per power of ten.
+        steady: ``True``, ``False`` or options of :class:`bpkit.detect.SteadyExplosionDetector` (``rel_weight`` 100,
+            ``patience`` 3): a weight tensor whose gradient norm stays above 100x its own weight norm is
+            ``exploding`` even when it was so from the first step (which the relative ``exploding`` rule cannot
+            see: a recurrent weight with a spectral radius above 1). Warned and recorded; ``on_exploding`` acts on
+            the relative rule only.
 
     Raises:
         BpkitConfigError: on an unknown action or grouping, a negative interval, bad detector
@@ -115,7 +125,8 @@ class GradientMonitor(BpkitCallback):
                  on_nonfinite: str = "skip", on_exploding: str = "warn",
                  vanishing: bool | Mapping[str, Any] = True, exploding: bool | Mapping[str, Any] = True,
                  spike: bool | Mapping[str, Any] = True, check_every_n_steps: int = 10,
-                 histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2) -> None:
+                 histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2,
+                 steady: bool | Mapping[str, Any] = True) -> None:
         super().__init__(log_every_n_steps)
         # the engine validates every option now (a bad config fails at construction, not at the first step)
         self.probe = GradientProbe(
@@ -123,10 +134,12 @@ class GradientMonitor(BpkitCallback):
             histograms=histograms, update_ratio=update_ratio, histogram_every_n_steps=histogram_every_n_steps,
             include=include, exclude=exclude, group_by=group_by, on_nonfinite=on_nonfinite,
             on_exploding=on_exploding, vanishing=vanishing, exploding=exploding, spike=spike,
-            check_every_n_steps=check_every_n_steps, histogram_range=histogram_range, bins_per_decade=bins_per_decade)
+            check_every_n_steps=check_every_n_steps, histogram_range=histogram_range, bins_per_decade=bins_per_decade,
+            steady=steady)
         self.include, self.exclude, self.group_by = self.probe.include, self.probe.exclude, self.probe.group_by
         self.on_nonfinite, self.on_exploding = self.probe.on_nonfinite, self.probe.on_exploding
         self._inactive = False
+        self._batch: tuple[Any, int] | None = None
         self._backwards = 0  # backward passes seen: with the global step, tells one optimizer step from the next
         self._done: dict[int, tuple[int, int]] = {}  # per optimizer: the step whose statistics are computed
         self._norms: dict[int, StepNorms | None] = {}  # per optimizer: that step's norms, for GradientClipping
@@ -172,6 +185,7 @@ class GradientMonitor(BpkitCallback):
                              batch_idx: int) -> None:
         if {"skip", "stop"} & {self.on_nonfinite, self.on_exploding}:
             _buffers.save_for_skip(trainer, pl_module)  # a skipped step puts BatchNorm's running stats back
+        self._batch = (batch, batch_idx)  # replayed on a non-finite step to find where the NaN starts
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,7 +212,8 @@ class GradientMonitor(BpkitCallback):
         self._done[id(optimizer)] = token
         self.probe.optimizers = list(trainer.optimizers)
         try:
-            ok = self.probe.step(self.batch_step(trainer), optimizer=optimizer)
+            ok = self.probe.step(self.batch_step(trainer), optimizer=optimizer,
+                                 replay=self._replay(trainer, pl_module))
         except (NonFiniteGradientError, ExplodingGradientError):
             self.emit(trainer, self.probe.take_new_alerts())  # the run ends here: the metric now
             raise
@@ -209,6 +224,25 @@ class GradientMonitor(BpkitCallback):
             _buffers.restore_after_skip(pl_module)  # the forward of this step moved BatchNorm's running stats
             if self.probe.should_stop:
                 trainer.should_stop = True
+
+    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], Any] | None:
+        """This batch's ``training_step`` again (its logging switched off), for the probe to find where a NaN starts;
+        ``None`` where a replay would change training: manual optimization (the step steps the optimizer) or several
+        processes (a backward on one rank only would hang DDP's all-reduce)."""
+        if self.on_nonfinite == "warn" or self._batch is None or not pl_module.automatic_optimization \
+                or trainer.world_size > 1:
+            return None
+        batch, batch_idx = self._batch
+
+        def replay() -> Any:
+            pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # no second train/loss
+            try:
+                with trainer.precision_plugin.train_step_context():
+                    return pl_module.training_step(batch, batch_idx)
+            finally:
+                del pl_module.log, pl_module.log_dict
+
+        return replay
 
     # ---------------------------------------------------------------- logging
 

@@ -10,6 +10,8 @@ reports the events since its last report as alerts that name the step they happe
 from bpkit.detect.exploding import ExplodingDetector, ExplodingGradientError
 from bpkit.detect.nonfinite import NonFiniteDetector, NonFiniteGradientError
 from bpkit.detect.spike import SpikeDetector
+from bpkit.detect.steady import SteadyExplosionDetector
 from bpkit.detect.vanishing import VanishingDetector
 
-__all__ = ["ExplodingDetector", "ExplodingGradientError", "NonFiniteDetector", "NonFiniteGradientError", "SpikeDetector", "VanishingDetector"]
+__all__ = ["ExplodingDetector", "ExplodingGradientError", "NonFiniteDetector", "NonFiniteGradientError", "SpikeDetector", "SteadyExplosionDetector",
+           "VanishingDetector"]

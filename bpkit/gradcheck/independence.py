@@ -71,12 +71,16 @@ def check_batch_independence(model: nn.Module, batch: Any, *, samples: Sequence[
         xin = x.detach().to(device=first.device if first is not None else x.device, dtype=dtype).clone()
         xin.requires_grad_(True)
         with torch.enable_grad():
+            taps = _tap_modules(clone, n)  # each module's input and output, to say where samples mix if they do
             try:
                 out = clone(xin)
             except Exception as exc:
                 expected = (f"an input that {type(model).__name__} accepts; "
                             f"calling it raised {type(exc).__name__}: {exc}")
                 raise BpkitConfigError("batch", describe(batch), expected) from exc
+            finally:
+                for handle in taps.handles:
+                    handle.remove()
             out = out[0] if isinstance(out, (tuple, list)) else out
             if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
                 raise BpkitConfigError("output", describe(out), f"a tensor whose first dimension is the batch ({n})")
@@ -87,9 +91,11 @@ def check_batch_independence(model: nn.Module, batch: Any, *, samples: Sequence[
                 (g,) = torch.autograd.grad((out[s] * w).sum(), xin, retain_graph=True, allow_unused=True)
                 norms.append(torch.zeros(n, dtype=dtype, device=xin.device) if g is None
                              else g.reshape(n, -1).norm(dim=1))
-    host = readback({"norms": torch.stack(norms)})["norms"]
+        host = readback({"norms": torch.stack(norms)})["norms"]
+        leaks = [s for row, s in zip(host, chosen) if _leaks(row, s, tol)]
+        origin = _where_mixing(taps, xin, leaks[0], tol, seed) if leaks else None
 
-    report = BatchIndependenceReport(batch_size=n, input_shape=tuple(x.shape), tol=tol)
+    report = BatchIndependenceReport(batch_size=n, input_shape=tuple(x.shape), tol=tol, origin=origin)
     for row, s in zip(host, chosen):
         others = row.copy()
         others[s] = 0.0
@@ -98,3 +104,74 @@ def check_batch_independence(model: nn.Module, batch: Any, *, samples: Sequence[
         report.samples.append({"sample": s, "own_grad_norm": float(row[s]), "max_leak": float(others.max()),
                                "worst_other": int(others.argmax()), "leaking": leaking})
     return report
+
+
+def _leaks(row: Any, sample: int, tol: float) -> bool:
+    others = row.copy()
+    others[sample] = 0.0
+    return bool((others > tol * max(row.max(), 0.0)).any())
+
+
+class _Taps:
+    """What every submodule took in and gave out in one forward pass, in forward order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []
+        self.handles: list[Any] = []
+
+
+def _batch_view(t: Any, n: int) -> torch.Tensor | None:
+    """The tensor with the batch (of size ``n``) first: ``(B, ...)`` as is, ``(T, B, ...)`` transposed."""
+    t = t[0] if isinstance(t, (tuple, list)) and t else t
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or not t.requires_grad:
+        return None
+    if t.shape[0] == n:
+        return t
+    if t.dim() > 1 and t.shape[1] == n:
+        return t.transpose(0, 1)
+    return None
+
+
+def _tap_modules(model: nn.Module, n: int) -> _Taps:
+    taps = _Taps()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(mod: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
+            taps.calls.append((name, _batch_view(inputs, n), _batch_view(output, n)))
+
+        taps.handles.append(module.register_forward_hook(hook))
+    return taps
+
+
+def _where_mixing(taps: _Taps, xin: torch.Tensor, sample: int, tol: float, seed: int) -> str | None:
+    """The first place, in forward order, where a module's input (or output) for ``sample`` already depends on other
+    samples' inputs, in words: a module that mixes samples itself, or the parent's code between two modules."""
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def mixes(t: torch.Tensor | None) -> bool | None:
+        if t is None:
+            return None
+        w = torch.randn(t[sample].shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+        (g,) = torch.autograd.grad((t[sample] * w).sum(), xin, retain_graph=True, allow_unused=True)
+        if g is None:
+            return False
+        row = g.reshape(g.shape[0], -1).norm(dim=1)
+        return _leaks(readback({"row": row})["row"], sample, tol)
+
+    previous = None  # the last module whose output was still clean
+    for name, inp, out in taps.calls:
+        if mixes(inp):
+            if previous is None:
+                return f"before `{name}` (the input of the first module already mixes samples)"
+            return (f"between `{previous}` and `{name}`: the output of `{previous}` keeps samples apart, the input of "
+                    f"`{name}` mixes them, so the mixing happens in the parent module's forward (a view/reshape "
+                    "instead of a transpose/permute, or a reduction over the batch dimension)")
+        verdict = mixes(out)
+        if verdict:
+            return (f"`{name}`: its input keeps samples apart, its output mixes them (a batch-wide statistic or a "
+                    "view/reshape across the batch inside it)")
+        if verdict is not None:
+            previous = name
+    return None

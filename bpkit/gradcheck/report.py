@@ -68,13 +68,17 @@ class BatchIndependenceReport:
     ``samples`` holds one entry per probed sample: ``sample``, ``own_grad_norm`` (norm of the gradient
     of its output with respect to its own input), ``max_leak`` (the largest gradient norm reaching
     another sample's input), ``worst_other`` (that sample's index) and ``leaking`` (how many other
-    samples receive a gradient above the tolerance).
+    samples receive a gradient above the tolerance). ``origin`` says where the mixing happens when it fails:
+    the first module (in forward order) whose output mixes samples while its input does not, or the two modules
+    between which the parent's forward mixes them.
     """
 
     batch_size: int
     input_shape: tuple[int, ...]
     tol: float
     samples: list[dict[str, Any]] = field(default_factory=list)
+    origin: str | None = None
+    """Where the mixing happens when the check fails (the module, or the two modules it happens between)."""
 
     @property
     def passed(self) -> bool:
@@ -82,7 +86,7 @@ class BatchIndependenceReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "batch_size": self.batch_size, "input_shape": list(self.input_shape),
-                "tol": self.tol, "samples": [dict(s) for s in self.samples]}
+                "tol": self.tol, "samples": [dict(s) for s in self.samples], "origin": self.origin}
 
     def __str__(self) -> str:
         head = (f"batch independence: {'ok' if self.passed else 'FAILED'} "
@@ -96,6 +100,8 @@ class BatchIndependenceReport:
                              f"transpose/permute, or a reduction over the batch dimension)")
             else:
                 lines.append(f"  output of sample {s['sample']} depends on its own input only")
+        if self.origin:
+            lines.append(f"  where: {self.origin}")
         return "\n".join(lines)
 
 

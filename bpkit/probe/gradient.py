@@ -10,7 +10,7 @@ import fnmatch
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,10 @@ import torch
 
 from bpkit.alert import Alert
 from bpkit.detect import (ExplodingDetector, ExplodingGradientError, NonFiniteDetector, NonFiniteGradientError,
-                          SpikeDetector, VanishingDetector)
+                          SpikeDetector, SteadyExplosionDetector, VanishingDetector)
 from bpkit.detect.nonfinite import nonfinite_message
 from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
+from bpkit.probe.origin import locate_nonfinite
 from bpkit.record import WHERE_TOTAL_NORM
 from bpkit.stats.grads import GradStats, grad_stats
 from bpkit.stats.histograms import LogHistogramSpec, log_histograms
@@ -206,8 +207,8 @@ class GradientProbe:
             the user's) or an iterable of ``(name, parameter)`` pairs; ``None``: given later with :meth:`bind`.
         log_every_n_steps: the log interval (Lightning's rule: step ``s`` logs when ``(s + 1) % n == 0``; ``0``: never).
         per_layer, histograms, update_ratio, histogram_every_n_steps, include, exclude, group_by, on_nonfinite,
-            on_exploding, vanishing, exploding, spike, check_every_n_steps, histogram_range, bins_per_decade: as
-            :class:`bpkit.callbacks.GradientMonitor`.
+            on_exploding, vanishing, exploding, spike, check_every_n_steps, histogram_range, bins_per_decade,
+            steady: as :class:`bpkit.callbacks.GradientMonitor`.
         optimizers: with more than one optimizer (a GAN), the list of them: each optimizer's step then watches its
             own parameters and the metrics are named ``grad/opt<i>/...``.
         total_steps: the run's length in optimizer steps when known (sets the default histogram cadence).
@@ -248,7 +249,8 @@ class GradientProbe:
                  vanishing: bool | Mapping[str, Any] = True, exploding: bool | Mapping[str, Any] = True,
                  spike: bool | Mapping[str, Any] = True, check_every_n_steps: int = 10,
                  histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2,
-                 optimizers: Sequence[Any] | None = None, total_steps: float | None = None) -> None:
+                 steady: bool | Mapping[str, Any] = True, optimizers: Sequence[Any] | None = None,
+                 total_steps: float | None = None) -> None:
         from bpkit.errors import check_bool, check_globs
 
         self.model: torch.nn.Module | None = None
@@ -268,6 +270,7 @@ class GradientProbe:
         self._vanishing = _detector_kwargs("vanishing", vanishing, VanishingDetector)
         self._exploding = _detector_kwargs("exploding", exploding, ExplodingDetector)
         self._spike = _detector_kwargs("spike", spike, SpikeDetector)
+        self._steady = _detector_kwargs("steady", steady, SteadyExplosionDetector)
         if on_exploding != "warn" and self._exploding is None:
             raise BpkitConfigError("on_exploding", on_exploding, "'warn' when the exploding detector is off")
         if not isinstance(histogram_range, Sequence) or isinstance(histogram_range, str) or len(histogram_range) != 2:
@@ -425,6 +428,8 @@ class GradientProbe:
         if self._exploding is not None:
             plan.detectors["exploding"] = ExplodingDetector(**self._exploding)
         plan.detectors["nonfinite"] = NonFiniteDetector()
+        if self._steady is not None:
+            plan.detectors["steady"] = SteadyExplosionDetector(**self._steady)
         saved = self._loaded.get("plans", {}).pop(index, None)
         if saved is not None and list(saved["units"]) != plan.units:
             import warnings
@@ -443,7 +448,8 @@ class GradientProbe:
     # ---------------------------------------------------------------- the step
 
     @torch.no_grad()
-    def step(self, step: int, loss: torch.Tensor | float | None = None, optimizer: Any = None) -> bool:
+    def step(self, step: int, loss: torch.Tensor | float | None = None, optimizer: Any = None,
+             replay: Callable[[], Any] | None = None) -> bool:
         """The statistics of this optimizer step's gradients, on the device; the rules decide.
 
         Args:
@@ -452,6 +458,11 @@ class GradientProbe:
                 the loss is known only later.
             optimizer: the optimizer about to step (needed with several optimizers, and to drop the gradients of
                 exactly its parameters on a skipped step).
+            replay: a function that runs this step's forward pass again and returns its loss (e.g.
+                ``lambda: loss_fn(model(x), y)``). On a non-finite step that the probe skips, stops or raises on, it
+                is replayed once with hooks on every module to find where the first NaN/Inf appears: the alert's
+                ``origin`` and message name the module and the samples (:func:`bpkit.probe.origin.locate_nonfinite`).
+                Healthy steps never call it.
 
         Returns:
             ``False`` when the step must be skipped (its gradients are already set to ``None``), else ``True``.
@@ -462,12 +473,12 @@ class GradientProbe:
             if loss is not None:
                 self.observe_loss(step, loss)
             return True
-        ok = self._step(plan, int(step), optimizer)
+        ok = self._step(plan, int(step), optimizer, replay)
         if loss is not None:
             self.observe_loss(step, loss)
         return ok
 
-    def _step(self, plan: _Plan, step: int, optimizer: Any) -> bool:
+    def _step(self, plan: _Plan, step: int, optimizer: Any, replay: Callable[[], Any] | None) -> bool:
         self._last_step = step
         present = tuple(p.grad is not None for p in plan.params)
         present_mask = None
@@ -486,7 +497,8 @@ class GradientProbe:
         grads = [p.grad for p in params]
         hist_step = self.is_histogram_step(step)
         log_step = hist_step or self.is_log_step(step)
-        check_step = "vanishing" in plan.detectors and (log_step or step % self.check_every_n_steps == 0)
+        check_step = ("vanishing" in plan.detectors or "steady" in plan.detectors) and \
+            (log_step or step % self.check_every_n_steps == 0)
         device = grads[0].device
         if plan.rows.must_drain(device) or plan.checks.must_drain(device):
             self._drain()  # only when a log interval outgrows the buffer
@@ -546,7 +558,7 @@ class GradientProbe:
             flags = {"nonfinite": not math.isfinite(total_host)}
         for kind, action in checks:
             if self._agree(bool(flags.get(kind, False)), device):
-                self._act(plan, kind, action, units, optimizer)
+                self._act(plan, kind, action, units, optimizer, replay)
                 return False
         return True
 
@@ -564,7 +576,8 @@ class GradientProbe:
             return self.reduce_sum(tensor)
         return _dist_sum(tensor) if _dist_world_size() > 1 else tensor
 
-    def _act(self, plan: _Plan, kind: str, action: str, units: GradStats, optimizer: Any) -> None:
+    def _act(self, plan: _Plan, kind: str, action: str, units: GradStats, optimizer: Any,
+             replay: Callable[[], Any] | None = None) -> None:
         self._drain()  # the detector sees this step before it names the tensors
         step = self._last_step
         found = plan.detectors[kind].alerts(plan.units)
@@ -579,6 +592,10 @@ class GradientProbe:
             found = [Alert("nonfinite", step, WHERE_TOTAL_NORM, 1.0, 0.0,
                            f"the total gradient norm overflowed float32 at step {step} (each tensor's own norm is "
                            "finite); lower the learning rate or clip gradients.")]
+        if kind == "nonfinite" and replay is not None and self.model is not None and self._world() == 1:
+            origin = locate_nonfinite(self.model, replay)
+            if origin is not None:
+                found = [replace(a, origin=str(origin), message=f"{a.message} {origin.sentence()}") for a in found]
         self._add_alerts(found)
         if action == "raise":
             error = NonFiniteGradientError if kind == "nonfinite" else ExplodingGradientError
@@ -704,7 +721,10 @@ class GradientProbe:
                 steps, eligible = plan.checks.take()
                 for step, mask, row in zip(steps, eligible, host[f"{i}/checks"]):
                     # a tensor whose gradient has been exactly zero on every step is unused, not vanishing
-                    det["vanishing"].update(row[:width], row[width:], step, mask & plan.nonzero)
+                    if "vanishing" in det:
+                        det["vanishing"].update(row[:width], row[width:], step, mask & plan.nonzero)
+                    if "steady" in det:
+                        det["steady"].update(row[:width], row[width:], step, mask)
         if "loss/rows" in host:
             steps, _ = self._loss_rows.take()
             for step, row in zip(steps, host["loss/rows"]):
