@@ -10,7 +10,7 @@ from tests._hydra import compose_train, options
 MODEL_FOR_DATA = {"digits": [], "regression": [], "multilabel": [], "adding": ["model=rnn"],
                   "copy": ["model=rnn", "model.output=all"], "charlm": ["model=rnn", "model.output=all"],
                   "streaming_text": ["model=rnn", "model.output=all"]}
-DATA_FOR_MODEL = {"mlp": [], "resnet": [], "rnn": ["data=adding"]}
+DATA_FOR_MODEL = {"mlp": [], "resnet": [], "rnn": ["data=adding"], "deep_linear": []}
 
 
 def _cases():
