@@ -74,7 +74,9 @@ WHERE_LOSS = "loss"
 """``where`` of an alert about the training loss (non-finite, spike)."""
 WHERE_BATCH = "batch"
 """``where`` of an alert about the batch as a whole (GradientCheck's batch-independence check)."""
-RESERVED_WHERE = (WHERE_TOTAL_NORM, WHERE_LOSS, WHERE_BATCH)
+WHERE_HESSIAN = "Hessian of the loss"
+"""``where`` of a curvature alert (``sharpness``, ``saddle``): the loss surface, not one tensor."""
+RESERVED_WHERE = (WHERE_TOTAL_NORM, WHERE_LOSS, WHERE_BATCH, WHERE_HESSIAN)
 """The ``where`` names that are not a parameter or a module: a report never counts them as layers."""
 LEGACY_WHERE = {"total": WHERE_TOTAL_NORM, "grad_norm_total": WHERE_TOTAL_NORM}
 """Older names of a reserved ``where`` (records written before :data:`WHERE_TOTAL_NORM` was the one name),

@@ -40,7 +40,20 @@ def plot_sharpness(steps: Sequence[float], sharpness_x_lr: Sequence[float], path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = 2 if lambda_min_ratio is not None else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(6.4, 2.6 * rows + 0.6), sharex=True, squeeze=False)
+    fig = plt.figure(figsize=(6.4, 2.6 * rows + 0.6))
+    draw_sharpness(fig, steps, sharpness_x_lr, lambda_min_ratio, limit, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_sharpness(fig, steps: Sequence[float], sharpness_x_lr: Sequence[float],
+                   lambda_min_ratio: Sequence[float] | None = None, limit: float = 2.0,
+                   title: str = "Sharpness against the learning rate") -> None:
+    """Draw :func:`plot_sharpness`'s panels into a matplotlib ``Figure`` (the report's figures use this)."""
+    rows = 2 if lambda_min_ratio is not None else 1
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)
     ax = axes[0][0]
     ax.plot(list(steps), list(sharpness_x_lr), marker=".", lw=1.2, label="lambda_max x lr")
     ax.axhline(limit, color="crimson", ls="--", lw=1, label=f"stability limit {limit:g}")
@@ -54,7 +67,3 @@ def plot_sharpness(steps: Sequence[float], sharpness_x_lr: Sequence[float], path
         ax2.axhline(0.0, color="grey", lw=0.8)
         ax2.set_ylabel("lambda_min / lambda_max")
     axes[-1][0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

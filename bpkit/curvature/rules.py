@@ -10,8 +10,9 @@ import torch
 
 from bpkit.alert import Alert
 from bpkit.errors import check_float
+from bpkit.record import WHERE_HESSIAN
 
-WHERE = "Hessian of the loss"
+WHERE = WHERE_HESSIAN
 """``Alert.where`` of curvature alerts: they concern the whole loss surface, not one tensor."""
 
 

@@ -32,8 +32,10 @@ TITLES = {
     "saturated": "Saturated units",
     "unused": "Unused parameters",
     "spike": "Loss or gradient-norm spikes",
+    "sharpness": "The learning rate is too large for the loss surface",
     "clipping": "Gradient clipping acts on most steps",
     "stalled": "The loss is not going down",
+    "saddle": "A saddle point: small gradient, negative curvature",
 }
 ORDER = list(TITLES)  # most urgent first
 
@@ -77,8 +79,8 @@ class Finding:
 
 
 RETURNED_LOSS = RETURNED_LOSS_KEY  # the loss training_step returned (RunRecord)
-_STAT_PREFIXES = ("grad/", "weight/", "update/", "act/", "act_grad/", "clip/", "lr/", "curv/", "noise/", "temporal/",
-                  "report/")
+_STAT_PREFIXES = ("grad/", "weight/", "update/", "act/", "act_grad/", "clip/", "lr/", "curvature/", "noise/", "time/",
+                  "drift/", "report/")
 _VAL_WORDS = ("val", "valid", "validation", "eval")
 
 
@@ -333,7 +335,14 @@ def _nonfinite(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
     skipped = run.last("grad/skipped_steps")
     if skipped:
         evidence.append(f"GradientMonitor skipped {plural(int(skipped), 'update')} with non-finite gradients")
-    remedies = ["Lower the learning rate (the usual cause: one too large update overflows).",
+    origin = next((str(a["origin"]) for a in alerts if a.get("origin")), None)
+    if origin:
+        summary += f" It starts in {origin}."
+        evidence.insert(0, f"replaying step {first} with hooks on every module: the first non-finite value appears in "
+                           f"{origin}")
+    remedies = ([f"Fix `{origin.split(' ')[0]}` first: a log, sqrt, pow or division there meets 0 (or a negative "
+                 "number) on those samples; move an epsilon inside the square root, clamp the argument, or drop blank "
+                 "records."] if origin else []) + ["Lower the learning rate (the usual cause: one too large update overflows).",
                 "Clip gradients (GradientClipping('norm') or 'skip' to drop outlier steps).",
                 "Check the loss for log(0) or a division by zero: use logit-based losses (cross_entropy, "
                 "BCEWithLogits) rather than log(softmax) or log(sigmoid) by hand.",
@@ -354,6 +363,44 @@ def _spike(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
                 "Look at the batches of those steps: a mislabeled or extreme batch spikes the loss.",
                 "With Adam, a larger epsilon or a higher beta2 damps rare large updates."]
     return Finding("spike", TITLES["spike"], summary, evidence, remedies, [], (first, last))
+
+
+def _sharpness(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    first, last = _steps(alerts)
+    steps, values = run.series("curvature/sharpness_x_lr")
+    peak = max(_float(a.get("value")) for a in alerts)
+    summary = (f"the curvature of the loss times the learning rate (lambda_max x lr) reached {_fmt(peak)}, above the "
+               f"stability limit 2 of gradient descent, first at step {first}: steps overshoot along the sharpest "
+               "direction, so the loss oscillates or diverges.")
+    evidence = [count_span(len(alerts), "sharpness alert", first, last)]
+    if len(values):
+        ok = np.isfinite(values)
+        above = int((values[ok] > 2).sum())
+        evidence.append(f"curvature/sharpness_x_lr: {above} of {int(ok.sum())} measurements above 2, last "
+                        f"{_fmt(values[ok][-1]) if ok.any() else 'n/a'} at step {int(steps[ok][-1]) if ok.any() else -1}")
+    lam = run.series("curvature/lambda_max")[1]
+    if len(lam) and np.isfinite(lam).any():
+        evidence.append(f"curvature/lambda_max: largest {_fmt(float(np.nanmax(lam)))}")
+    remedies = ["Lower the learning rate below 2/lambda_max (the alert says the value), or add a warm-up so the "
+                "sharpness settles before the learning rate peaks.",
+                "A value that hovers around 2 while the loss keeps going down is the edge of stability (Cohen et al. "
+                "2021): full-batch gradient descent drives the sharpness to 2/lr by itself; act only if the loss "
+                "oscillates or grows."]
+    return Finding("sharpness", TITLES["sharpness"], summary, evidence, remedies, [], (first, last))
+
+
+def _saddle(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
+    first, last = _steps(alerts)
+    worst = min(_float(a.get("value")) for a in alerts)
+    summary = (f"the gradient is small while the loss surface curves down in some direction (lambda_min down to "
+               f"{_fmt(worst)}), first at step {first}: training sits near a saddle point, where plain gradient descent "
+               "moves away only slowly.")
+    evidence = [count_span(len(alerts), "saddle alert", first, last)]
+    remedies = ["Use momentum (SGD momentum=0.9, or Adam): it escapes along the negative-curvature direction much "
+                "faster.",
+                "Add noise: a smaller batch, or a short learning-rate bump.",
+                "Initialise at a larger scale (a deep linear or tanh net from a tiny init starts at a saddle)."]
+    return Finding("saddle", TITLES["saddle"], summary, evidence, remedies, [], (first, last))
 
 
 def _units(run: RunData, alerts: list[dict[str, Any]], kind: str) -> Finding:
@@ -392,7 +439,8 @@ def _gradcheck(run: RunData, alerts: list[dict[str, Any]]) -> Finding:
                                 f"(rtol {_fmt(_float(rep.get('rtol')))}){': ' + p['reason'] if p.get('reason') else ''}")
         bi = rep.get("batch_independence")
         if bi and not bi.get("passed", True):
-            evidence.append(f"step {step}: the batch-independence check failed: something mixes samples")
+            where = f"; it happens {bi['origin']}" if bi.get("origin") else ""
+            evidence.append(f"step {step}: the batch-independence check failed: something mixes samples{where}")
     for a in alerts:
         failed += [n for n in _layer_names(_split_names(a.get("where", ""))) if n not in failed]
     failed = list(dict.fromkeys(failed))
@@ -688,6 +736,10 @@ def diagnose(run: RunData) -> list[Finding]:
         found.append(_unused(run, by_kind["unused"]))
     if by_kind.get("spike"):
         found.append(_spike(run, by_kind["spike"]))
+    if by_kind.get("sharpness"):
+        found.append(_sharpness(run, by_kind["sharpness"]))
+    if by_kind.get("saddle"):
+        found.append(_saddle(run, by_kind["saddle"]))
     found += _clipping(run)
     stalled = _stalled(run)
     if stalled is not None:

@@ -348,6 +348,25 @@ def finish_loss_axes(ax: Any, series: list[np.ndarray], ylabel: str, title: str)
     ax.grid(True, alpha=0.3)
 
 
+def curvature(run: RunData) -> Figure | None:
+    """``curvature/sharpness_x_lr`` over the steps against 2, and ``lambda_min / lambda_max``."""
+    from bpkit.curvature.plots import draw_sharpness
+
+    steps, sharp = run.series("curvature/sharpness_x_lr")
+    if not len(sharp) or not np.isfinite(sharp).any():
+        return None
+    s_min, lam_min = run.series("curvature/lambda_min")
+    s_max, lam_max = run.series("curvature/lambda_max")
+    ratio = None
+    if len(lam_min) == len(steps) and len(lam_max) == len(steps) and np.array_equal(s_min, steps) \
+            and np.array_equal(s_max, steps):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(np.abs(lam_max) > 0, lam_min / np.abs(lam_max), np.nan)
+    fig = figure(8, 3.2 if ratio is None else 5.6)
+    draw_sharpness(fig, steps, sharp, ratio)
+    return fig
+
+
 def all_figures(run: RunData, findings: list[Any] | None = None) -> list[tuple[str, str, Figure]]:
     """``[(file stem, caption, figure)]`` for everything the run logged, in report order; ``findings`` (from
     :func:`bpkit.diagnosis.findings.diagnose`) are marked on the loss plot."""
@@ -368,5 +387,9 @@ def all_figures(run: RunData, findings: list[Any] | None = None) -> list[tuple[s
                     ridgelines(run, prefix)))
     out += [("clipping", "Gradient clipping: norm before and after, threshold, and the fraction of steps clipped.",
              clipping(run)),
+            ("curvature", "Curvature (CurvatureMonitor): lambda_max x lr against the stability limit 2 of gradient "
+                          "descent (above it the step overshoots along the sharpest direction; full-batch training "
+                          "hovers around it at the edge of stability), and lambda_min / lambda_max (below 0: "
+                          "negative curvature, a saddle when the gradient is small).", curvature(run)),
             ("lr", "Learning rate of each parameter group.", learning_rate(run))]
     return [(stem, cap, fig) for stem, cap, fig in out if fig is not None]
