@@ -60,8 +60,16 @@ ENTRY_LAST_STEPS = "last_steps"
 ...), ``exception``, ``source``."""
 ENTRY_CLIP_SUMMARY = "clip_summary"
 """GradientClipping's summary at the end of fit: ``policy``, ``fraction`` clipped, ``steps``, ``clipped``, ..."""
+ENTRY_NOISE_SCALE = "noise_scale"
+"""NoiseScaleMonitor's estimate at the end of fit: ``b_simple``, ``batch_size``, ``method``, ``sentence``."""
+ENTRY_UNFREEZE = "unfreeze"
+"""Parameters that started training at a step (fine-tuning): the blocks unfrozen."""
+ENTRY_TEMPORAL = "temporal"
+"""TemporalGradientMonitor's gradient profile through time of a sequence module at a log step."""
+EVENT_TYPES = (ENTRY_NOISE_SCALE, ENTRY_UNFREEZE, ENTRY_TEMPORAL)
+"""Entry types kept as they are, in order, in :attr:`RunData.events`."""
 ENTRY_TYPES = (ENTRY_RUN, ENTRY_SCALARS, ENTRY_HISTOGRAMS, ENTRY_ALERT, ENTRY_IMAGE, ENTRY_GRADCHECK, ENTRY_LAST_STEPS,
-               ENTRY_CLIP_SUMMARY)
+               ENTRY_CLIP_SUMMARY) + EVENT_TYPES
 """Every entry type bpkit writes. A reader skips (and counts) a type it does not know: a newer writer's."""
 
 RETURNED_LOSS_KEY = "loss/train_returned"
@@ -378,6 +386,8 @@ class RunData:
             (RunRecord: ``loss``; GradientMonitor: ``loss``, ``grad_norm_total``, ``nonfinite``), merged by step.
         last_steps_error: the exception those entries name (``"TypeName: message"``), or ``""``.
         clip_summaries: the ``clip_summary`` entries of GradientClipping (policy, fraction clipped, ...).
+        events: ``{entry type: [(step, data), ...]}`` of the :data:`EVENT_TYPES` (noise scale, unfreezing, temporal
+            profiles), in record order.
         bad_lines: lines that were not valid entries (a crash mid-write truncates the last one; a line of the
             wrong shape, e.g. a step that is not an integer or histogram counts that are not a list of numbers,
             is skipped whole or in the part that is wrong).
@@ -394,6 +404,7 @@ class RunData:
     last_steps: dict[int, dict[str, Any]] = field(default_factory=dict)
     last_steps_error: str = ""
     clip_summaries: list[dict[str, Any]] = field(default_factory=list)
+    events: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     bad_lines: int = 0
     truncated: bool = False
     entries: int = 0
@@ -506,6 +517,9 @@ def _add(run: RunData, scalars: dict[str, tuple[list[int], list[float]]], kind: 
         if _number(data.get("fraction")) is None:
             return None
         run.clip_summaries.append(dict(data))
+        return True
+    if kind in EVENT_TYPES:
+        run.events.setdefault(kind, []).append((step, dict(data)))
         return True
     return True  # an entry type this reader does not know (a newer writer): counted, ignored
 

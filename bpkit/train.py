@@ -19,6 +19,14 @@ Example::
     bpkit-train -m recipe=vanishing_depth model.depth=4,16 model.activation=sigmoid,relu
     bpkit-train trainer.max_epochs=10 ckpt_path=last   # resume the newest run, train up to 10 epochs
     bpkit-train debug=fdr                          # one batch through everything (also overfit, limit, profiler)
+    bpkit-train pretrained=weights.ckpt finetune=gradual   # fine-tune pretrained weights (docs/transfer.md)
+    bpkit-train -m recipe=transfer                 # pretrain on digits 0-4, fine-tune on 5-9 with 20 labels a class
+
+Transfer learning: ``pretrained`` (a Lightning checkpoint or a state_dict file, read with ``weights_only=True``;
+partial unless ``pretrained_strict``; ``pretrained_skip`` globs; one line reports missing, unexpected and skipped
+tensors), the ``finetune`` group (none, scratch, freeze, backbone, gradual, llrd: :mod:`bpkit.finetune`), and
+``pretrain`` (a recipe's source task, trained once into ``<sweep dir>/pretrained/`` when ``pretrained`` is null;
+``test/source_acc`` after fine-tuning).
 
 Resuming (``ckpt_path``, passed to ``Trainer.fit(ckpt_path=...)``): a path to a ``.ckpt`` file, or ``last``. Hydra
 gives the resumed invocation a new run directory, so ``last`` means the newest (by modification time)
@@ -62,7 +70,7 @@ from typing import Any
 
 import hydra
 from hydra.experimental.callback import Callback as HydraCallback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from typing_extensions import override
 
 from bpkit.errors import BpkitConfigError, check_int
@@ -129,6 +137,157 @@ def _check_config(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and ckpt != "last":
         _check_ckpt_file(ckpt)
+    _finetune_spec(cfg)
+    from bpkit.errors import check_bool
+
+    check_bool("pretrained_strict", cfg.get("pretrained_strict", False))
+
+
+# ---------------------------------------------------------------- transfer learning: pretrained, finetune, pretrain
+
+
+def _finetune_spec(cfg: DictConfig) -> Any:
+    """The ``finetune`` group's choice, validated (``finetune.<key>`` named in errors)."""
+    from bpkit.finetune import FinetuneSpec
+
+    node = cfg.get("finetune")
+    if node is None:
+        return FinetuneSpec()
+    if not isinstance(node, DictConfig):
+        raise BpkitConfigError("finetune", node, "a choice of the finetune group: none, scratch, freeze, backbone, "
+                                                 "gradual, llrd")
+    trainer_cfg = cfg.get("trainer")
+    max_epochs = trainer_cfg.get("max_epochs") if isinstance(trainer_cfg, DictConfig) else None
+    return FinetuneSpec.from_config(OmegaConf.to_container(node, resolve=True),
+                                    max_epochs=max_epochs if isinstance(max_epochs, int) else None)
+
+
+def _pretrained_path(value: Any) -> str:
+    """``pretrained=<file>``: an existing file (relative paths from where the app started)."""
+    if not isinstance(value, str) or not value.strip():
+        raise BpkitConfigError("pretrained", value, "the path of a Lightning checkpoint or a state_dict file")
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute():
+        path = _original_cwd() / path
+    from bpkit.finetune import read_state_dict
+
+    read_state_dict(path, key="pretrained")  # fails now, in one line, on a missing, unreadable or foreign file
+    return str(path)
+
+
+def _pretrain_dir(cfg: DictConfig) -> Path:
+    where = OmegaConf.select(cfg, "pretrain.cache_dir", default=None)
+    if where:
+        path = Path(os.path.expanduser(str(where)))
+        return path if path.is_absolute() else _original_cwd() / path
+    hc = _hydra_cfg()
+    if hc is None or not hc.runtime.get("output_dir"):
+        return _original_cwd() / "pretrained"
+    base = sweep_dir_of_job(hc) if _is_multirun(hc) else Path(hc.runtime.output_dir)
+    return Path(os.path.abspath(base)) / "pretrained"
+
+
+def _source_data_cfg(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.merge(cfg.data, cfg.pretrain.get("data") or {})
+
+
+def _ensure_pretrained(cfg: DictConfig) -> str:
+    """The recipe's own pretrained weights: train the model on the source task (``pretrain``) once and keep its
+    ``state_dict`` in ``<cache dir>/source-<hash>.pt`` (by default ``<sweep dir>/pretrained/`` in a multirun, so
+    every job of the sweep reuses it, else ``<run dir>/pretrained/``); the hash covers everything that makes it."""
+    import fcntl
+    import hashlib
+
+    import lightning.pytorch as pl
+    import torch
+
+    from bpkit.task import BackpropTask
+
+    pre = cfg.pretrain
+    epochs = check_int("pretrain.max_epochs", pre.get("max_epochs", 10), minimum=1)
+    # a seed of its own: with the run's seed, the target model's new head would start where the source model's head
+    # started, and the backbone learned its features for that very head (a fresh head would not be fresh)
+    seed = pre.get("seed")
+    seed = check_int("pretrain.seed", int(cfg.seed) + 1 if seed is None else seed, minimum=0)
+    source_cfg = _source_data_cfg(cfg)
+    what = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": OmegaConf.to_container(source_cfg, resolve=True),
+            "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True), "epochs": epochs, "seed": seed}
+    digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = _pretrain_dir(cfg)
+    _check_writable("pretrain.cache_dir", str(folder), folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"source-{digest}.pt"
+    with open(folder / f".source-{digest}.lock", "w") as lock:  # parallel jobs of a sweep: one trains, all reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            print(f"bpkit-train: pretrained weights (source task) reused: {_show(path)}", flush=True)
+            return str(path)
+        pl.seed_everything(seed, workers=True, verbose=False)
+        datamodule = _instantiate("pretrain.data", source_cfg)
+        model_cls = hydra.utils.get_class(cfg.model._target_)
+        datamodule.use_layout(getattr(model_cls, "input_kind", "flat"))
+        shapes = datamodule.model_shapes()
+        model = _instantiate("model", cfg.model, **_fill_model_kwargs(cfg.model, shapes))
+        num_classes = shapes.get("num_classes")
+        task = BackpropTask(model, datamodule.default_loss, _instantiate("optimizer", cfg.optimizer),
+                            metrics=["acc"], num_classes=num_classes)
+        accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto") or "auto"
+        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator=accelerator, devices=1,
+                             default_root_dir=str(folder), num_sanity_val_steps=0)
+        trainer.fit(task, datamodule=datamodule)
+        acc = _accuracy(model, datamodule, None)
+        tmp = folder / f".source-{digest}.pt.tmp"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    print(f"bpkit-train: pretrained on the source task ({epochs} epochs, source test acc {acc:.3f}): {_show(path)}",
+          flush=True)
+    return str(path)
+
+
+def _accuracy(model: Any, datamodule: Any, classes: Any = None) -> float:
+    """Test accuracy of ``model`` on ``datamodule``'s test split; with ``classes``, the prediction is the best of
+    those classes' logits (a task-aware score: how much of the task the network still knows)."""
+    import torch
+
+    was = model.training
+    model.eval()
+    right = total = 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for x, y in datamodule.test_dataloader():
+            out = model(x.to(device))
+            out = out[0] if isinstance(out, tuple) else out
+            if classes is not None:
+                mask = torch.full((out.shape[-1],), float("-inf"), device=out.device)
+                mask[list(classes)] = 0.0
+                out = out + mask
+            right += int((out.argmax(-1).cpu() == y).sum())
+            total += len(y)
+    model.train(was)
+    return right / max(total, 1)
+
+
+def _source_eval(cfg: DictConfig, trainer: Any, task: Any, pretrained: str | None) -> dict[str, float]:
+    """Forgetting: ``test/source_acc``, the accuracy of the fine-tuned backbone under the pretrained model's own head
+    on the source task's test split (the best of the source classes' outputs). Nothing without pretrained weights
+    (``finetune=scratch``)."""
+    import torch
+
+    from bpkit.callbacks import _sink
+    from bpkit.finetune import with_pretrained_head
+
+    if pretrained is None:
+        return {}
+    datamodule = _instantiate("pretrain.data", _source_data_cfg(cfg))
+    datamodule.use_layout(getattr(task.model, "input_kind", "flat"))
+    model = with_pretrained_head(task.model, pretrained)
+    metrics = {"test/source_acc": _accuracy(model, datamodule, getattr(datamodule, "classes", None))}
+    for k, v in metrics.items():
+        trainer.callback_metrics[k] = torch.tensor(v)
+    _sink.log_scalars(trainer, metrics, trainer.global_step)
+    return metrics
 
 
 # ---------------------------------------------------------------- resume: ckpt_path
@@ -401,7 +560,8 @@ def wandb_identity(cfg: DictConfig) -> dict[str, Any]:
     recipe = choices.get("recipe")
     base = recipe or f"{model}-{data}"
     tags = [str(t) for t in (cfg.get("tags") or [])]
-    for group in ("recipe", "hparams_search", "model", "data", "optimizer", "scheduler", "clipping", "debug"):
+    for group in ("recipe", "hparams_search", "model", "data", "optimizer", "scheduler", "clipping", "finetune",
+                  "debug"):
         value = choices.get(group)
         if value and value not in ("none", "null"):
             tags.append(f"{group}:{value}")
@@ -609,6 +769,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     _check_config(cfg)
     if cfg.get("torch_threads") is not None:
         torch.set_num_threads(check_int("torch_threads", cfg.torch_threads, minimum=1))
+    spec = _finetune_spec(cfg)
+    pretrained = _pretrained_path(cfg.pretrained) if cfg.get("pretrained") is not None else None
+    if spec.mode == "scratch":  # the baseline: the same run without the pretrained weights
+        pretrained = None
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _instantiate("data", cfg.data)
     model_cls = hydra.utils.get_class(cfg.model._target_)
@@ -624,6 +788,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if shapes.get("num_classes") and getattr(model, "output", "last") == "last" and \
             datamodule.target_kind == "sequence_multiclass":
         raise BpkitConfigError("model.output", "last", "all (this data has a target at every time step)")
+    pretrained_report = None
+    if pretrained is not None:
+        from bpkit.finetune import load_pretrained
+
+        skip = cfg.get("pretrained_skip")
+        skip = OmegaConf.to_container(skip) if isinstance(skip, (DictConfig, ListConfig)) else skip
+        pretrained_report = load_pretrained(model, pretrained, strict=bool(cfg.get("pretrained_strict", False)),
+                                            skip=skip)
+        print(f"bpkit-train: {pretrained_report.summary()}", flush=True)
 
     loss = cfg.task.loss if cfg.task.loss != "auto" else datamodule.default_loss
     check_loss_fits(loss, datamodule.target_kind, shapes.get("num_classes"))
@@ -633,6 +806,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         optimizer([torch.nn.Parameter(torch.zeros(1))])
     except Exception as exc:
         raise BpkitConfigError("optimizer", OmegaConf.to_container(cfg.optimizer), f"valid arguments: {exc}") from None
+    if spec.mode not in ("none", "scratch"):
+        from bpkit.finetune import model_blocks
+
+        model_blocks(model)  # fails now on a model without a backbone and a head
+        from bpkit.finetune import GroupedOptimizer
+
+        optimizer = GroupedOptimizer(optimizer, model, spec)
     scheduler: Any = None
     if cfg.get("scheduler"):
         if "_target_" in cfg.scheduler:  # any torch scheduler as a _partial_ config
@@ -666,6 +846,19 @@ def build(cfg: DictConfig) -> dict[str, Any]:
              for name, node in (cfg.get("callbacks") or {}).items() if node is not None}
     if cfg.get("clipping"):
         named["clipping"] = _instantiate("clipping", cfg.clipping)
+    if spec.mode == "backbone":
+        from bpkit.callbacks.finetuning import BackboneUnfreeze
+
+        named["finetune.unfreeze"] = BackboneUnfreeze(spec.unfreeze_epoch,
+                                                      backbone_initial_ratio_lr=spec.backbone_lr_ratio)
+    elif spec.mode == "gradual":
+        from bpkit.callbacks.finetuning import GradualUnfreeze
+
+        named["finetune.unfreeze"] = GradualUnfreeze(spec.unfreeze_epoch, spec.every_n_epochs, spec.lr_factor)
+    if pretrained is not None or spec.mode not in ("none", "scratch"):
+        from bpkit.callbacks.weight_drift import WeightDrift
+
+        named["finetune.drift"] = WeightDrift()
     logger = _instantiate("logger", cfg.logger) if cfg.get("logger") else False
     wandb_init = getattr(logger, "_wandb_init", None)  # WandbLogger passes anonymous=None: wandb 0.31 warns on it
     if isinstance(wandb_init, dict) and "anonymous" in wandb_init and wandb_init["anonymous"] is None:
@@ -695,7 +888,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     hc = _hydra_cfg()
     run_dir = hc.runtime.get("output_dir") if hc is not None else None
     return {"datamodule": datamodule, "task": task, "trainer": trainer, "monitor": monitor, "loss": loss,
-            "ckpt_path": ckpt_path, "progress": progress, "outputs": _output_places(cfg, named, logger, run_dir)}
+            "ckpt_path": ckpt_path, "progress": progress, "outputs": _output_places(cfg, named, logger, run_dir),
+            "pretrained": pretrained_report}
 
 
 def estimate_total_steps(trainer: Any, datamodule: Any, interval: str) -> int | None:
@@ -776,6 +970,13 @@ def run(cfg: DictConfig) -> float:
     _quiet_logging()
     _apply_wandb_identity(cfg)
     try:
+        if cfg.get("pretrain") and cfg.get("pretrained") is None and _finetune_spec(cfg).mode != "scratch":
+            _check_config(cfg)  # a bad config fails before the source task is trained
+            path = _ensure_pretrained(cfg)  # the recipe's source task, trained once (before this run is seeded)
+            from omegaconf import open_dict
+
+            with open_dict(cfg):
+                cfg.pretrained = path  # the run's config (and W&B's) names the weights it started from
         parts = build(cfg)
     except BpkitConfigError as err:
         # nothing ran: do not leave a directory that looks like a run
@@ -797,6 +998,9 @@ def run(cfg: DictConfig) -> float:
         untrained = _nothing_trained(cfg, trainer, parts["progress"])
         if cfg.get("test_after_fit"):
             trainer.test(task, datamodule=datamodule)
+        if cfg.get("pretrain") and cfg.pretrain.get("evaluate", True) and untrained is None:
+            report = parts.get("pretrained")
+            _source_eval(cfg, trainer, task, report.path if report is not None else None)  # forgetting
         value = trainer.callback_metrics.get(parts["monitor"])
         result = float(value) if value is not None and untrained is None else math.nan
         if trainer.is_global_zero:
@@ -828,10 +1032,15 @@ def _run_lr_find(cfg: DictConfig, trainer: Any, task: Any, datamodule: Any, run_
     from bpkit.callbacks._sink import log_image
     from bpkit.lr_find import find_lr
 
+    from bpkit.finetune import GroupedOptimizer
+
     opts = cfg.lr_finder
+    grouped = isinstance(getattr(task, "optimizer_factory", None), GroupedOptimizer)  # a finetune option's groups
     result = find_lr(trainer, task, datamodule, min_lr=opts.min_lr, max_lr=opts.max_lr, num_steps=opts.num_steps,
                      early_stop_threshold=opts.early_stop_threshold, rule=opts.rule, out_dir=run_dir,
-                     apply=opts.apply)
+                     apply=opts.apply and not grouped)
+    if grouped and opts.apply and result.suggestion is not None:
+        task.optimizer_factory.lr = float(result.suggestion)  # the head's LR; the other groups follow from it
     print(result.explain(), flush=True)
     if result.plot_path:
         print(f"LR range test plot: {result.plot_path}", flush=True)

@@ -29,6 +29,7 @@ def test_overhead_benchmark_smoke_prints_the_table():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["clip_overhead.py", "activation_overhead.py", "gradcheck_cost.py",
-                                    "tbptt_memory.py", "curvature_cost.py", "nan_origin.py"])
+                                    "tbptt_memory.py", "curvature_cost.py", "nan_origin.py",
+                                    "noise_scale_cost.py"])
 def test_other_benchmarks_smoke(script):
     assert _run(script, "--smoke").strip()

@@ -91,7 +91,7 @@ def test_alerts_from_skips_what_it_cannot_make_an_alert_of():
 
 def test_the_reserved_names_are_one_each():
     assert R.WHERE_TOTAL_NORM == "total gradient norm"
-    assert set(R.RESERVED_WHERE) == {R.WHERE_TOTAL_NORM, R.WHERE_LOSS, R.WHERE_BATCH}
+    assert set(R.RESERVED_WHERE) == {R.WHERE_TOTAL_NORM, R.WHERE_LOSS, R.WHERE_BATCH, R.WHERE_HESSIAN}
     assert all(R.canonical_where(old) == R.WHERE_TOTAL_NORM for old in ("total", "grad_norm_total"))
     assert not R.is_reserved_where("model.total.weight") and R.is_reserved_where(" total ")
     with pytest.raises(ValueError, match="entry_type=3 is invalid"):

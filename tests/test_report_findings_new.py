@@ -63,3 +63,27 @@ def test_the_report_draws_the_curvature(tmp_path):
         out = write_report(tmp_path)
     html = out.read_text()
     assert 'id="fig-curvature"' in html and "lambda_max x lr against the stability limit 2" in html
+
+
+def test_the_report_marks_unfreezing_draws_drift_and_says_the_noise_scale(tmp_path):
+    from bpkit.record import ENTRY_NOISE_SCALE, ENTRY_UNFREEZE
+    from bpkit.report.write import write_report
+
+    entries = [(ENTRY_SCALARS, s, {"train/loss": 1.0 / (s + 1), "drift/blocks.0": 0.01 * s, "drift/head": 0.02 * s})
+               for s in range(0, 100, 10)]
+    entries += [(ENTRY_UNFREEZE, 40, {"blocks": ["blocks.1"], "trainable": ["blocks.1", "head"]})]
+    sentence = "batch 64 is 11x below the critical batch ~690: a larger batch would use the same data about as " \
+               "efficiently and take fewer steps"
+    entries += [(ENTRY_NOISE_SCALE, 90, {"b_simple": 690.0, "batch_size": 64, "method": "split", "sentence": sentence})]
+    _run(tmp_path, entries)
+    run = read_run(tmp_path)
+    assert run.events["unfreeze"] == [(40, {"blocks": ["blocks.1"], "trainable": ["blocks.1", "head"]})]
+    html = write_report(tmp_path).read_text()
+    assert 'id="fig-drift"' in html and "where layers were unfrozen" in html
+    assert sentence in html
+
+    from bpkit.diagnosis import plots
+
+    fig = plots.loss(run, [])
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "unfrozen at step 40: blocks.1" in labels

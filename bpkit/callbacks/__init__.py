@@ -18,6 +18,10 @@ _EXPORTS = {
     "RunRecord": "bpkit.callbacks.run_record",
     "CurvatureMonitor": "bpkit.callbacks.curvature_monitor",
     "NoiseScaleMonitor": "bpkit.callbacks.noise_scale_monitor",
+    "TemporalGradientMonitor": "bpkit.callbacks.temporal_gradient_monitor",
+    "WeightDrift": "bpkit.callbacks.weight_drift",
+    "GradualUnfreeze": "bpkit.callbacks.finetuning",
+    "BackboneUnfreeze": "bpkit.callbacks.finetuning",
 }
 __all__ = list(_EXPORTS)
 

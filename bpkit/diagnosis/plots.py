@@ -332,6 +332,36 @@ def loss(run: RunData, findings: list[Any] | None = None) -> Figure | None:
         c = FINDING_COLORS.get(kinds[0], "grey")
         names = ", ".join(FINDING_LABELS.get(k, k) for k in kinds)
         ax.axvline(step, color=c, ls="--", lw=1.1, label=plain(f"{names} from step {step}"))
+    mark_unfreezing(ax, run)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def mark_unfreezing(ax: Any, run: RunData) -> None:
+    """A dotted line at each step where fine-tuning unfroze layers (the record's ``unfreeze`` entries), labelled with
+    the blocks."""
+    for step, data in run.events.get("unfreeze", []):
+        blocks = data.get("blocks") or []
+        ax.axvline(step, color="teal", ls=":", lw=1.3,
+                   label=plain(f"unfrozen at step {step}: {', '.join(map(str, blocks[:3]))}"
+                               f"{' ...' if len(blocks) > 3 else ''}"))
+
+
+def drift(run: RunData) -> Figure | None:
+    """``drift/<block>`` over the steps: how far fine-tuning moved each block from its pretrained weights."""
+    keys = [k for k in run.keys("drift/") if k != "drift/trainable_blocks"]
+    if not keys:
+        return None
+    fig = figure(8, 3.6)
+    ax = fig.add_subplot()
+    for key in keys:
+        s, v = run.series(key)
+        ax.plot(s, v, lw=1.2, label=plain(key[len("drift/"):]))
+    mark_unfreezing(ax, run)
+    ax.set_xlabel("step")
+    ax.set_ylabel("||w - w_pretrained|| / ||w_pretrained||")
+    ax.set_title("Drift from the pretrained weights, per block")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
 
@@ -387,6 +417,8 @@ def all_figures(run: RunData, findings: list[Any] | None = None) -> list[tuple[s
                     ridgelines(run, prefix)))
     out += [("clipping", "Gradient clipping: norm before and after, threshold, and the fraction of steps clipped.",
              clipping(run)),
+            ("drift", "Fine-tuning: how far each block moved from its pretrained weights (WeightDrift); dotted lines: "
+                      "where layers were unfrozen.", drift(run)),
             ("curvature", "Curvature (CurvatureMonitor): lambda_max x lr against the stability limit 2 of gradient "
                           "descent (above it the step overshoots along the sharpest direction; full-batch training "
                           "hovers around it at the edge of stability), and lambda_min / lambda_max (below 0: "

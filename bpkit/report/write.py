@@ -97,6 +97,12 @@ def render_run(run: RunData, findings: list[Finding], png_dir: Path) -> str:
         body.append("<h2>The last steps before the crash</h2>" + last)
     if run.clip_summaries:
         body.append("<h2>Interventions</h2>" + H.interventions_html(run))
+    noise = run.events.get("noise_scale", [])
+    if noise:
+        step, data = noise[-1]
+        body.append("<h2>Batch size and gradient noise</h2>" + f"<p>{H.esc(str(data.get('sentence', '')))}</p>"
+                    + f'<p class="meta">NoiseScaleMonitor at step {step}: B_simple '
+                    f'{H.esc(str(data.get("b_simple")))} ({H.esc(str(data.get("method", "")))}).</p>')
     if run.gradchecks:
         body.append("<h2>Gradient check</h2>" + H.gradcheck_html(run))
     body.append("<h2>Alerts</h2>" + H.alerts_html(run))
