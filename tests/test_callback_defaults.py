@@ -148,3 +148,15 @@ def test_a_typo_would_be_caught():
     with pytest.raises(AssertionError, match="missing from the YAML"):
         _check("x", {"alpha": 0.97}, defaults, complete=True)
     _check("x", {"alpha": 0.97, "z_thresh": [2.5][0]}, defaults, complete=True)
+
+
+def test_a_recurrent_model_brings_the_temporal_monitor_and_it_can_be_removed(tmp_path):
+    conf = Path(config_dir())
+    model_copy = OmegaConf.load(conf / "model_callbacks" / "temporal_gradient_monitor.yaml")
+    assert model_copy == OmegaConf.load(conf / "callbacks" / "temporal_gradient_monitor.yaml")
+    rnn = compose_train(["model=rnn", "data=adding"], str(tmp_path))
+    assert rnn.callbacks.temporal_gradient_monitor == model_copy.temporal_gradient_monitor
+    assert {"gradient_monitor", "activation_monitor", "run_record"} <= set(rnn.callbacks)
+    removed = compose_train(["model=rnn", "data=adding", "~callbacks.temporal_gradient_monitor"], str(tmp_path))
+    assert "temporal_gradient_monitor" not in removed.callbacks and "gradient_monitor" in removed.callbacks
+    assert "temporal_gradient_monitor" not in compose_train([], str(tmp_path)).callbacks

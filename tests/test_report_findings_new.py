@@ -87,3 +87,16 @@ def test_the_report_marks_unfreezing_draws_drift_and_says_the_noise_scale(tmp_pa
     fig = plots.loss(run, [])
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert "unfrozen at step 40: blocks.1" in labels
+
+
+def test_the_report_draws_the_gradient_through_time(tmp_path):
+    from bpkit.record import ENTRY_TEMPORAL
+    from bpkit.report.write import write_report
+
+    entries = [(ENTRY_SCALARS, s, {"train/loss": 1.0}) for s in (9, 19)]
+    entries += [(ENTRY_TEMPORAL, s, {"fraction": 0.1, "modules": {"rnn": {
+        "profile": [1.0, 0.1 ** (s + 1), 0.01 ** (s + 1)], "horizon": 1, "boundary": None, "last_norm": 1.0}}})
+                for s in (9, 19)]
+    _run(tmp_path, entries)
+    html = write_report(tmp_path).read_text()
+    assert 'id="fig-temporal"' in html and "Gradient through time" in html

@@ -347,6 +347,16 @@ def mark_unfreezing(ax: Any, run: RunData) -> None:
                                f"{' ...' if len(blocks) > 3 else ''}"))
 
 
+def temporal(run: RunData) -> Figure | None:
+    """The heatmap of :func:`bpkit.probe.temporal.plot_heatmap` from the record's ``temporal`` entries."""
+    entries = run.events.get("temporal", [])
+    if not entries:
+        return None
+    from bpkit.probe.temporal import plot_heatmap
+
+    return plot_heatmap([{"type": "temporal", "step": s, "data": d} for s, d in entries])
+
+
 def drift(run: RunData) -> Figure | None:
     """``drift/<block>`` over the steps: how far fine-tuning moved each block from its pretrained weights."""
     keys = [k for k in run.keys("drift/") if k != "drift/trainable_blocks"]
@@ -417,6 +427,10 @@ def all_figures(run: RunData, findings: list[Any] | None = None) -> list[tuple[s
                     ridgelines(run, prefix)))
     out += [("clipping", "Gradient clipping: norm before and after, threshold, and the fraction of steps clipped.",
              clipping(run)),
+            ("temporal", "Gradient through time (TemporalGradientMonitor): log10 of the gradient reaching each time step "
+                         "of the sequence module's input, relative to the last step (x: steps back, y: training step). "
+                         "Dark on the left: the gradient vanishes before it reaches the early steps (a short memory "
+                         "horizon); bright on the left: it explodes going back.", temporal(run)),
             ("drift", "Fine-tuning: how far each block moved from its pretrained weights (WeightDrift); dotted lines: "
                       "where layers were unfrozen.", drift(run)),
             ("curvature", "Curvature (CurvatureMonitor): lambda_max x lr against the stability limit 2 of gradient "

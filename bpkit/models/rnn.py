@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpkit.errors import check_choice, check_float, check_int
+from bpkit.errors import BpkitConfigError, check_choice, check_float, check_int
 from bpkit.models._common import INITS
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -28,9 +28,14 @@ class RNN(nn.Module):
         out_features: head output size.
         init: scheme for the input-to-hidden weights (default, xavier, he, orthogonal).
         recurrent_scale: when set, every hidden-to-hidden weight (per gate) is initialised orthogonal and
-            multiplied by this number; > 1 makes gradients explode through time, < 1 vanish.
+            multiplied by this number, which is then its spectral radius (every eigenvalue of an orthogonal
+            matrix has modulus 1); > 1 makes gradients explode through time, < 1 vanish (Pascanu et al. 2013).
         output: ``last`` (head on the last step: (B, out)) or ``all`` (every step: (B, T, out)).
         vocab_size: if set, inputs are token ids (B, T) embedded to ``input_size``.
+        dropout: dropout between stacked recurrent layers (``num_layers > 1``).
+        forget_bias: LSTM only: when set, the forget-gate bias of every layer is this number (``bias_ih`` holds
+            it, ``bias_hh``'s forget part is 0); 1 keeps the cell's memory at the start of training (Gers et al.
+            2000; Jozefowicz et al. 2015), 0 halves it at every step. ``None``: the ``init`` scheme's.
 
     Example::
 
@@ -45,7 +50,8 @@ class RNN(nn.Module):
 
     def __init__(self, cell: str = "lstm", input_size: int = 1, hidden_size: int = 64, num_layers: int = 1,
                  out_features: int = 1, init: str = "default", recurrent_scale: float | None = None,
-                 output: str = "last", vocab_size: int | None = None, dropout: float = 0.0) -> None:
+                 output: str = "last", vocab_size: int | None = None, dropout: float = 0.0,
+                 forget_bias: float | None = None) -> None:
         super().__init__()
         check_choice("cell", cell, CELLS)
         check_choice("init", init, INITS)
@@ -58,6 +64,11 @@ class RNN(nn.Module):
             check_float("recurrent_scale", recurrent_scale, 0.0, low_inclusive=False)
         if vocab_size is not None:
             check_int("vocab_size", vocab_size)
+        if forget_bias is not None:
+            check_float("forget_bias", forget_bias)
+            if cell != "lstm":
+                raise BpkitConfigError("forget_bias", forget_bias, f"null for cell={cell} (only an LSTM has a "
+                                       "forget gate)")
         self.cell, self.output = cell, output
         self.embed = nn.Embedding(vocab_size, input_size) if vocab_size else None
         kwargs: dict[str, Any] = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
@@ -70,6 +81,11 @@ class RNN(nn.Module):
             self.rnn = nn.RNN(nonlinearity=cell.split("_")[1], **kwargs)
         self.head = nn.Linear(hidden_size, out_features)
         self._init(init, recurrent_scale)
+        if forget_bias is not None:
+            with torch.no_grad():
+                for name, p in self.rnn.named_parameters():
+                    if name.startswith("bias"):
+                        p[hidden_size:2 * hidden_size].fill_(float(forget_bias) if name.startswith("bias_ih") else 0.0)
 
     @property
     def gates(self) -> int:

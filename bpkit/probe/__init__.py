@@ -25,6 +25,7 @@ from importlib import import_module
 _EXPORTS = {
     "GradientProbe": "bpkit.probe.gradient",
     "ActivationProbe": "bpkit.probe.activation",
+    "TemporalProbe": "bpkit.probe.temporal",
 }
 __all__ = list(_EXPORTS)
 
