@@ -228,3 +228,37 @@ def test_gradient_check_names_where_samples_mix(tmp_path):
         trainer.fit(MixingModule(), DataLoader(TensorDataset(x, y), batch_size=8))
     (alert,) = check.alerts
     assert alert.where == "batch" and alert.origin.startswith("between `net.score` and `net.head`")
+
+
+def test_the_replay_leaves_torchmetrics_and_logging_alone(tmp_path):
+    import torchmetrics
+
+    class Counted(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.acc = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+            self.calls = 0
+
+        def training_step(self, batch, batch_idx):
+            self.calls += 1
+            x, y = batch
+            self.acc.update(self(x).argmax(1), y)
+            return super().training_step(batch, batch_idx)
+
+    x, y = _records()
+    model, logged = Counted(), []
+    monitor = GradientMonitor(histograms=False)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[monitor], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning):
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert model.calls == 7  # 6 batches and one replay of the NaN batch
+    assert model.acc._update_count == 6  # the replay's update was taken back
+    assert monitor.alerts[0].origin.startswith("feat (backward")
+    off = GradientMonitor(histograms=False, locate_nonfinite=False)
+    again = Counted()
+    pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[off], logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False,
+               default_root_dir=str(tmp_path)).fit(again, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert again.calls == 6 and off.alerts[0].origin is None

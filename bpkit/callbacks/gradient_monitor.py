@@ -19,7 +19,7 @@ from typing_extensions import override
 from bpkit.callbacks import _buffers, _sink
 from bpkit.callbacks._base import BpkitCallback
 from bpkit.detect import ExplodingGradientError, NonFiniteGradientError
-from bpkit.errors import BpkitConfigError
+from bpkit.errors import BpkitConfigError, check_bool
 from bpkit.probe.gradient import GradientProbe, StepNorms
 from bpkit.record import ENTRY_LAST_STEPS
 
@@ -103,6 +103,11 @@ class GradientMonitor(BpkitCallback):
             ``exploding`` even when it was so from the first step (which the relative ``exploding`` rule cannot
             see: a recurrent weight with a spectral radius above 1). Warned and recorded; ``on_exploding`` acts on
             the relative rule only.
+        locate_nonfinite: on a step skipped (or stopped, raised on) for a non-finite gradient, replay the batch's
+            ``training_step`` once with hooks on every module to name where the first NaN/Inf appears (the alert's
+            ``origin``). Its ``self.log`` calls are muted and the model's gradients, buffers, torchmetrics states
+            and RNG streams are put back; other side effects of your ``training_step`` (a counter, a list) see the
+            extra call: ``False`` turns the replay off.
 
     Raises:
         BpkitConfigError: on an unknown action or grouping, a negative interval, bad detector
@@ -126,7 +131,7 @@ class GradientMonitor(BpkitCallback):
                  vanishing: bool | Mapping[str, Any] = True, exploding: bool | Mapping[str, Any] = True,
                  spike: bool | Mapping[str, Any] = True, check_every_n_steps: int = 10,
                  histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2,
-                 steady: bool | Mapping[str, Any] = True) -> None:
+                 steady: bool | Mapping[str, Any] = True, locate_nonfinite: bool = True) -> None:
         super().__init__(log_every_n_steps)
         # the engine validates every option now (a bad config fails at construction, not at the first step)
         self.probe = GradientProbe(
@@ -136,6 +141,7 @@ class GradientMonitor(BpkitCallback):
             on_exploding=on_exploding, vanishing=vanishing, exploding=exploding, spike=spike,
             check_every_n_steps=check_every_n_steps, histogram_range=histogram_range, bins_per_decade=bins_per_decade,
             steady=steady)
+        self.locate_nonfinite = check_bool("locate_nonfinite", locate_nonfinite)
         self.include, self.exclude, self.group_by = self.probe.include, self.probe.exclude, self.probe.group_by
         self.on_nonfinite, self.on_exploding = self.probe.on_nonfinite, self.probe.on_exploding
         self._inactive = False
@@ -229,7 +235,8 @@ class GradientMonitor(BpkitCallback):
         """This batch's ``training_step`` again (its logging switched off), for the probe to find where a NaN starts;
         ``None`` where a replay would change training: manual optimization (the step steps the optimizer) or several
         processes (a backward on one rank only would hang DDP's all-reduce)."""
-        if self.on_nonfinite == "warn" or self._batch is None or not pl_module.automatic_optimization \
+        if not self.locate_nonfinite or self.on_nonfinite == "warn" or self._batch is None \
+                or not pl_module.automatic_optimization \
                 or trainer.world_size > 1:
             return None
         batch, batch_idx = self._batch

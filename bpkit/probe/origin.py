@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpkit.curvature.state import preserved_module, preserved_rng
 from bpkit.stats.readback import readback
 
 
@@ -153,12 +154,11 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _kept(model: nn.Module) -> Iterator[None]:
-    """Leave the model as it was: gradients, buffers (BatchNorm's running statistics) and the RNG streams."""
+    """Leave the model as it was: gradients, buffers (BatchNorm's running statistics), torchmetrics accumulators,
+    training flags and the RNG streams (Python, numpy, torch)."""
     params = list(model.parameters())
     grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    with preserved_rng(), preserved_module(model, eval_mode=False):
         try:
             for p in params:
                 p.grad = None
@@ -166,9 +166,6 @@ def _kept(model: nn.Module) -> Iterator[None]:
         finally:
             for p, g in zip(params, grads):
                 p.grad = g
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
 
 
 def locate_nonfinite(model: nn.Module, replay: Callable[[], Any]) -> NonFiniteOrigin | None:
@@ -176,7 +173,8 @@ def locate_nonfinite(model: nn.Module, replay: Callable[[], Any]) -> NonFiniteOr
     with hooks on every module of ``model``, and name where the first non-finite value appears: the first module (in
     forward order) whose output is non-finite while its inputs are finite; else, after ``backward()``, the first module
     (in backward order) whose input gradient is non-finite while its output gradient is finite. The model's
-    gradients, buffers and RNG streams are left as they were. ``None`` when the replay is finite everywhere (the NaN
+    gradients, buffers, torchmetrics accumulators and RNG streams are left as they were (other side effects of
+    ``replay``, e.g. a counter in your code, see the extra call). ``None`` when the replay is finite everywhere (the NaN
     came from elsewhere, e.g. another process or a step that cannot be replayed).
 
     Example::
