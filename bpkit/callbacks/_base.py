@@ -5,7 +5,8 @@ alert emission (a throttled Python warning, the ``<prefix>/alert/<kind>`` metric
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from lightning.pytorch.callbacks.callback import Callback
@@ -123,8 +124,62 @@ class BpkitCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"alerts": [a.to_dict() for a in self.alerts]}
+        """The engine's state (``self.probe.state_dict()`` when the callback drives a probe) and ``alerts``."""
+        probe = getattr(self, "probe", None)
+        state = dict(probe.state_dict()) if probe is not None else {}
+        state["alerts"] = [a.to_dict() for a in self.alerts]
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        probe = getattr(self, "probe", None)
+        if probe is not None:
+            probe.load_state_dict(state_dict)
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
+
+
+@contextlib.contextmanager
+def muted_logging(pl_module: Any) -> Iterator[None]:
+    """Run ``training_step`` again (a replay, a probe's loss) without its ``self.log``/``self.log_dict`` calls reaching
+    the epoch's metrics; an instance attribute the user set is put back as it was."""
+    own = {k: pl_module.__dict__[k] for k in ("log", "log_dict") if k in pl_module.__dict__}
+    pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = _no_log
+    try:
+        yield
+    finally:
+        for k in ("log", "log_dict"):
+            if k in own:
+                pl_module.__dict__[k] = own[k]
+            else:
+                pl_module.__dict__.pop(k, None)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class HooksOnLogSteps(BpkitCallback):
+    """A callback whose probe puts hooks on the model only for the batches that log (ActivationMonitor,
+    TemporalGradientMonitor): ``self.probe`` has ``attach(step)``, ``detach()`` and ``pending_step``; the subclass
+    implements ``_flush(trainer)`` (read the probe once and log). Other batches, validation, test and predict run with
+    no hook at all; with gradient accumulation the micro-batches of one optimizer step add up until it steps."""
+
+    probe: Any
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        step = self.batch_step(trainer)
+        pending = self.probe.pending_step
+        if pending is not None and pending != step:
+            self._flush(trainer)
+        if self.is_log_step(trainer, step):
+            self.probe.attach(step)
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.probe.detach()
+        if self.probe.pending_step is not None and self.ends_window(trainer, pl_module):
+            self._flush(trainer)
+
+    def _flush(self, trainer: Any) -> None:
+        raise NotImplementedError

@@ -8,17 +8,16 @@ returns and emits its alerts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from typing_extensions import override
 
 import lightning.pytorch as pl
 from bpkit.callbacks import _sink
-from bpkit.callbacks._base import BpkitCallback
+from bpkit.callbacks._base import HooksOnLogSteps
 from bpkit.probe.activation import ActivationProbe
 
 
-class ActivationMonitor(BpkitCallback):
+class ActivationMonitor(HooksOnLogSteps):
     r"""Watch the outputs of chosen modules (and optionally their gradients) on training steps at the
     logging cadence: mean, std, fraction of exact zeros, dead units, saturation of tanh/sigmoid, and a
     fixed-range histogram per module, all computed on the device and read back once per log step.
@@ -117,24 +116,6 @@ class ActivationMonitor(BpkitCallback):
         self.probe.world_size = trainer.world_size
         self.probe.bind(pl_module)
 
-    @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
-        step = self.batch_step(trainer)
-        pending = self.probe.pending_step
-        if pending is not None and pending != step:
-            self._flush(trainer)
-        if self.is_log_step(trainer, step):
-            self.probe.attach(step)
-
-    @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.probe.detach()
-        # with gradient accumulation the micro-batches of one step are summed until the optimizer steps
-        if self.probe.pending_step is not None and self.ends_window(trainer, pl_module):
-            self._flush(trainer)
-
     def _flush(self, trainer: "pl.Trainer") -> None:
         step = self.probe.pending_step
         assert step is not None
@@ -157,11 +138,3 @@ class ActivationMonitor(BpkitCallback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self.probe.reset()
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.probe.state_dict(), **super().state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.probe.load_state_dict(state_dict)

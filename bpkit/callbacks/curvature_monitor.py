@@ -19,14 +19,12 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from bpkit.callbacks import _sink
-from bpkit.callbacks._base import BpkitCallback
+from bpkit.callbacks._base import BpkitCallback, muted_logging
 from bpkit.curvature.probe import DEFAULT_EVERY_N_STEPS, CurvatureProbe
 from bpkit.curvature.state import preserved_module, preserved_rng
 from bpkit.errors import BpkitConfigError, check_bool
 
 
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 class CurvatureMonitor(BpkitCallback):
@@ -198,26 +196,10 @@ class CurvatureMonitor(BpkitCallback):
             return loss.float()
 
         device_type = params[0].device.type if params[0].device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
-        own = {k: pl_module.__dict__[k] for k in ("log", "log_dict") if k in pl_module.__dict__}
-        try:
-            pl_module.log, pl_module.log_dict = _no_log, _no_log  # the probe's loss is not the epoch's
-            with preserved_rng(), preserved_module(pl_module, eval_mode=self.eval_mode), \
-                    torch.autocast(device_type=device_type, enabled=False):
-                return self.probe.measure(loss_fn, params, step, optimizer)
-        finally:
-            for k in ("log", "log_dict"):
-                if k in own:
-                    pl_module.__dict__[k] = own[k]
-                else:
-                    pl_module.__dict__.pop(k, None)
+        # the probe's loss is not the epoch's: training_step's logging is muted
+        with muted_logging(pl_module), preserved_rng(), preserved_module(pl_module, eval_mode=self.eval_mode), \
+                torch.autocast(device_type=device_type, enabled=False):
+            return self.probe.measure(loss_fn, params, step, optimizer)
 
     # ---------------------------------------------------------------- checkpointing
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.probe.state_dict(), **super().state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.probe.load_state_dict(state_dict)
-        super().load_state_dict(state_dict)

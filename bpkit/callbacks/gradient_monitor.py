@@ -17,7 +17,7 @@ import torch
 from typing_extensions import override
 
 from bpkit.callbacks import _buffers, _sink
-from bpkit.callbacks._base import BpkitCallback
+from bpkit.callbacks._base import BpkitCallback, muted_logging
 from bpkit.detect import ExplodingGradientError, NonFiniteGradientError
 from bpkit.errors import BpkitConfigError, check_bool
 from bpkit.probe.gradient import GradientProbe, StepNorms
@@ -242,12 +242,8 @@ class GradientMonitor(BpkitCallback):
         batch, batch_idx = self._batch
 
         def replay() -> Any:
-            pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # no second train/loss
-            try:
-                with trainer.precision_plugin.train_step_context():
-                    return pl_module.training_step(batch, batch_idx)
-            finally:
-                del pl_module.log, pl_module.log_dict
+            with muted_logging(pl_module), trainer.precision_plugin.train_step_context():  # no second train/loss
+                return pl_module.training_step(batch, batch_idx)
 
         return replay
 
@@ -288,12 +284,3 @@ class GradientMonitor(BpkitCallback):
 
     # ---------------------------------------------------------------- checkpointing
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        # the probe reads its buffered steps first: a checkpoint holds every step seen so far (one read, at save time)
-        return {**self.probe.state_dict(), **super().state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.probe.load_state_dict(state_dict)
-        super().load_state_dict(state_dict)

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from typing_extensions import override
 
 import lightning.pytorch as pl
 from bpkit.callbacks import _sink
-from bpkit.callbacks._base import BpkitCallback
+from bpkit.callbacks._base import HooksOnLogSteps
 from bpkit.errors import BpkitConfigError, check_int
 from bpkit.probe.temporal import RECORD_ENTRY, TemporalProbe
 
 
-class TemporalGradientMonitor(BpkitCallback):
+class TemporalGradientMonitor(HooksOnLogSteps):
     r"""Watch the gradient flow through time of sequence modules on training steps at the logging cadence: the
     norm of the loss's gradient with respect to the module's input at every time step, its profile from the last
     step back, the memory horizon, and ``vanishing``/``exploding`` alerts through time.
@@ -120,23 +119,6 @@ class TemporalGradientMonitor(BpkitCallback):
         self.probe.world_size = trainer.world_size
         self.probe.bind(pl_module)
 
-    @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
-        step = self.batch_step(trainer)
-        pending = self.probe.pending_step
-        if pending is not None and pending != step:
-            self._flush(trainer)
-        if self.is_log_step(trainer, step):
-            self.probe.attach(step)
-
-    @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.probe.detach()
-        if self.probe.pending_step is not None and self.ends_window(trainer, pl_module):
-            self._flush(trainer)
-
     def _flush(self, trainer: "pl.Trainer") -> None:
         step = self.probe.pending_step
         assert step is not None
@@ -182,11 +164,3 @@ class TemporalGradientMonitor(BpkitCallback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self.probe.reset()
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.probe.state_dict(), **super().state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.probe.load_state_dict(state_dict)
