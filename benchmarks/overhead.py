@@ -13,6 +13,9 @@ in-memory random data:
   log_freq=1);
 - ``gradient_monitor``: ``GradientMonitor()`` at the default cadence (every 50 steps, skip on NaN);
 - ``gradient_monitor_every_step``: ``GradientMonitor(log_every_n_steps=1)``;
+- ``gradient_monitor_all_every_step``: ``GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=1)``: every
+  statistic (norms, max, weight norms, update ratios, histograms) at every step; ``_ref``: the same with the
+  histograms on the reference (log10) path for that run, to compare the two binnings in one process;
 - ``bpkit_default``: GradientMonitor + ActivationMonitor + GradientClipping("norm") at the default cadence;
 - ``bpkit_full``: the same three with every statistic read back and logged at every step.
 
@@ -26,7 +29,8 @@ parameter tensors (10/50/200-layer MLPs).
 
 Time per step is the mean over the steps after warm-up (logging steps included, so the cost of a
 log interval is amortised), taken as the median over repeats; configurations are interleaved in
-each repeat (in a rotated order) so that load from other processes hits them alike. Host reads per step (``item``,
+each repeat (in a rotated order) so that load from other processes hits them alike. The machine's copy bandwidth
+(a large float32 ``copy_``, bytes read plus written) is printed for the cost model (bytes per step / bandwidth). Host reads per step (``item``,
 ``tolist``, ``cpu``, ``numpy``, ``bool``/``float``/``int`` of a tensor, from any caller) are
 counted in a separate short run.
 
@@ -156,6 +160,24 @@ class WandbWatch(pl.Callback):
         self.run.finish()
 
 
+class ReferenceHistograms(pl.Callback):
+    """For the length of one run, GradientMonitor's histograms take the reference (log10) path instead of the
+    float-bits one: the two side by side in one process (issue 22)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        import functools
+
+        import bpkit.probe.gradient as probe_module
+
+        self._saved = probe_module.log_histograms
+        probe_module.log_histograms = functools.partial(self._saved, method="reference")
+
+    def on_fit_end(self, trainer, pl_module):
+        import bpkit.probe.gradient as probe_module
+
+        probe_module.log_histograms = self._saved
+
+
 # name -> a function returning the callbacks of one run; extend this dict to benchmark more callbacks
 CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "bare": lambda: [],
@@ -166,6 +188,10 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "gradient_monitor": lambda: [GradientMonitor()],
     "gradient_monitor_warn": lambda: [GradientMonitor(on_nonfinite="warn")],
     "gradient_monitor_every_step": lambda: [GradientMonitor(log_every_n_steps=1)],
+    # every statistic every step (norms, max, weight norms, update ratios, histograms): issue 22's target
+    "gradient_monitor_all_every_step": lambda: [GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=1)],
+    "gradient_monitor_all_every_step_ref": lambda: [GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=1),
+                                                    ReferenceHistograms()],
     "bpkit_default": lambda: [GradientMonitor(), ActivationMonitor(), GradientClipping("norm")],
     "bpkit_full": lambda: [GradientMonitor(log_every_n_steps=1, check_every_n_steps=1),
                            ActivationMonitor(log_every_n_steps=1), GradientClipping("norm", log_every_n_steps=1)],
@@ -175,6 +201,7 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 # configurations whose whole per-step work is in callback hooks (the "in its hooks" columns); the others
 # work in Lightning's loop (gradient_clip_val) or in module hooks (wandb.watch)
 HOOKED = {"lightning_grad_norm", "gradient_monitor", "gradient_monitor_warn", "gradient_monitor_every_step",
+          "gradient_monitor_all_every_step", "gradient_monitor_all_every_step_ref",
           "bpkit_default", "bpkit_full"}
 
 # Trainer arguments of a configuration, when it needs any
@@ -363,6 +390,23 @@ def scaling(root: str, batch: int) -> list[dict[str, Any]]:
     return rows
 
 
+def copy_bandwidth(numel: int = 1 << 25, repeats: int = 5) -> float:
+    """GB/s of a torch copy of a large float32 tensor (bytes read plus bytes written, best of ``repeats``): the
+    memory floor of the cost model, measured with the benchmark's thread count."""
+    src, dst = torch.rand(numel, device=DEVICE), torch.empty(numel, device=DEVICE)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * 4 * numel / best / 1e9
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     global DEVICE, SIZES
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -447,6 +491,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sys.stdout.flush()
         if args.scaling:
             results["scaling"] = scaling(root, 16)
+    bandwidth = copy_bandwidth(1 << 20 if args.smoke else 1 << 25)
+    results["bandwidth_gbs"] = bandwidth
+    print(f"\nmemory bandwidth (torch copy of a {'4 MiB' if args.smoke else '128 MiB'} float32 tensor, read + write): "
+          f"{bandwidth:.1f} GB/s")
     env = (f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
            + (f", {torch.cuda.get_device_name()}" if DEVICE == "cuda" else "")
            + f", torch {torch.__version__}, lightning {pl.__version__}, threads {args.threads}, steps {args.steps} "
@@ -457,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "| aten ops/step added |")
     print("|---|---|---|---|---|---|---|---|")
     for model_name, res in results.items():
-        if model_name == "scaling":
+        if model_name in ("scaling", "bandwidth_gbs"):
             continue
         label = f"{model_name} ({res['params'] / 1e6:.2f}M, {res['tensors']} tensors)"
         for config, r in res["rows"].items():

@@ -152,7 +152,14 @@ class GradientMonitor(BpkitCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(include=self.include, exclude=self.exclude, group_by=self.group_by)
+        # Lightning reads it for every hook it calls (its profiler's action names): made once per selection
+        selection = (repr(self.include), repr(self.exclude), self.group_by)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != selection:
+            cached = (selection, self._generate_state_key(include=self.include, exclude=self.exclude,
+                                                          group_by=self.group_by))
+            self.__dict__["_state_key_cache"] = cached
+        return cached[1]
 
     @property
     def skipped_steps(self) -> int:

@@ -27,10 +27,15 @@ from bpkit.stats.grads import GradStats, grad_stats
 from bpkit.stats.histograms import LogHistogramSpec, log_histograms
 from bpkit.stats.norms import group_norms
 from bpkit.stats.readback import Readback
+from bpkit.stats.sharded import _plain
 from bpkit.stats.step_rows import StepRows
 from bpkit.stats.updates import snapshot, update_norms, update_ratios
 
 ACTIONS = ("warn", "skip", "stop", "raise")
+
+
+def _is_not_none(value: Any) -> bool:
+    return value is not None
 GROUP_BY = ("parameter", "module")
 
 
@@ -122,6 +127,7 @@ class _Plan:
         self.unused_flagged = np.zeros(len(self.units), dtype=bool)
         self.trainable: np.ndarray | None = None  # per unit at the pending log step; None: all
         self.present_masks: dict[tuple[bool, ...], tuple[torch.Tensor, np.ndarray]] = {}
+        self.fast: bool | None = None  # GradientProbe._fast_norms applies (None: not known yet)
 
     def units_of(self, stats: GradStats) -> GradStats:
         return stats.grouped(self.unit_of, len(self.units)) if self.grouped else stats
@@ -202,13 +208,15 @@ class GradientProbe:
     histograms in :attr:`histograms`, and appends new alerts to :attr:`alerts`. Between log steps nothing is read
     from the device (except the one number an action needs per step).
 
+    The options ``per_layer``, ``histograms``, ``update_ratio``, ``histogram_every_n_steps``, ``include``,
+    ``exclude``, ``group_by``, ``on_nonfinite``, ``on_exploding``, ``vanishing``, ``exploding``, ``spike``,
+    ``check_every_n_steps``, ``histogram_range``, ``bins_per_decade`` and ``steady`` are those of
+    :class:`bpkit.callbacks.GradientMonitor`.
+
     Args:
         model: an ``nn.Module`` (Fabric's, DDP's and ``torch.compile``'s wrappers are looked through, so names are
             the user's) or an iterable of ``(name, parameter)`` pairs; ``None``: given later with :meth:`bind`.
         log_every_n_steps: the log interval (Lightning's rule: step ``s`` logs when ``(s + 1) % n == 0``; ``0``: never).
-        per_layer, histograms, update_ratio, histogram_every_n_steps, include, exclude, group_by, on_nonfinite,
-            on_exploding, vanishing, exploding, spike, check_every_n_steps, histogram_range, bins_per_decade,
-            steady: as :class:`bpkit.callbacks.GradientMonitor`.
         optimizers: with more than one optimizer (a GAN), the list of them: each optimizer's step then watches its
             own parameters and the metrics are named ``grad/opt<i>/...``.
         total_steps: the run's length in optimizer steps when known (sets the default histogram cadence).
@@ -478,8 +486,38 @@ class GradientProbe:
             self.observe_loss(step, loss)
         return ok
 
+    def _fast_norms(self, plan: _Plan, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The common step that neither logs nor checks, every watched tensor with a plain dense gradient, on one
+        device, per tensor: the norms straight into the step's row (the same three kernels as :func:`grad_stats`,
+        no per-tensor Python beyond reading ``.grad``). ``None``: take the general path."""
+        if plan.fast is False or self.is_log_step(step) or self.is_histogram_step(step):
+            return None
+        if ("vanishing" in plan.detectors or "steady" in plan.detectors) and step % self.check_every_n_steps == 0:
+            return None
+        grads = [p.grad for p in plan.params]
+        if not all(map(_is_not_none, grads)):
+            return None
+        device = grads[0].device
+        if plan.fast is None:  # decided once per plan (and again after each log step): the gradients' kind
+            plan.fast = (not plan.grouped and plan.covers_all and _plain(grads) and _plain(plan.params)
+                         and all(g.device == device and g.layout == torch.strided for g in grads))
+            if not plan.fast:
+                return None
+        if plan.rows.must_drain(device) or plan.checks.must_drain(device):
+            return None
+        row_norms, row_total = plan.rows.push(step, device)
+        torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32), out=row_norms)
+        torch.linalg.vector_norm(row_norms, 2.0, out=row_total)
+        return row_norms, row_total
+
     def _step(self, plan: _Plan, step: int, optimizer: Any, replay: Callable[[], Any] | None) -> bool:
         self._last_step = step
+        fast = self._fast_norms(plan, step)
+        if fast is not None:
+            self.last_norms = StepNorms(plan.param_ids, fast[0], fast[1])
+            self._totals.append(fast[1])
+            return self._decide(plan, step, optimizer, replay, fast[1], GradStats(fast[0], fast[1]), fast[0].device)
+        plan.fast = None if plan.fast is not False else False
         present = tuple(p.grad is not None for p in plan.params)
         present_mask = None
         if all(present):
@@ -541,6 +579,11 @@ class GradientProbe:
             plan.trainable = None if present_idx is None else \
                 plan.units_present(np.array([p.requires_grad for p in plan.params]))
 
+        return self._decide(plan, step, optimizer, replay, stats.total, units, device)
+
+    def _decide(self, plan: _Plan, step: int, optimizer: Any, replay: Callable[[], Any] | None, total: torch.Tensor,
+                units: GradStats, device: torch.device) -> bool:
+        """The actions (skip, stop, raise) decide on this very step; ``False``: the step is skipped."""
         checks = []
         if self.on_nonfinite != "warn":
             checks.append(("nonfinite", self.on_nonfinite))
@@ -552,7 +595,7 @@ class GradientProbe:
         if checks[-1][0] == "exploding":  # the rule needs its history: read the buffered rows and replay them
             flags = self._drain().get(id(plan), {})
         else:  # NaN/Inf in any gradient makes the total norm NaN/Inf: one number decides
-            total_host = stats.total.item()
+            total_host = total.item()
             if self.last_norms is not None:
                 self.last_norms.total_host = total_host  # lets norm clipping skip a multiply by 1
             flags = {"nonfinite": not math.isfinite(total_host)}

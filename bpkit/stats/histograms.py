@@ -71,22 +71,34 @@ def _fold(spec: LogHistogramSpec, first: int, last: int, device: torch.device) -
 
 @torch.no_grad()
 def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = LogHistogramSpec(),
-                   segment_ids: torch.Tensor | None = None, num_segments: int | None = None) -> torch.Tensor:
+                   segment_ids: torch.Tensor | None = None, num_segments: int | None = None,
+                   method: str = "auto") -> torch.Tensor:
     """Histogram of ``log10 |x|`` of every tensor (or every group of tensors), on the device.
 
-    All tensors of one dtype are concatenated and binned with element-wise arithmetic (no search)
-    into a wide code per element that covers the dtype's whole finite range, plus one code for
-    NaN/Inf; one ``bincount`` counts every tensor at once and a small fold maps the wide codes to
-    :class:`LogHistogramSpec`'s layout. Zeros are counted with one ``_foreach_norm(..., 0)``. The
-    kernel count does not depend on the number of tensors. FSDP2 (DTensor) tensors are counted on
-    their local shards and the counts summed across ranks (one ``all_reduce``); a sparse tensor's
-    unstored elements count as zeros.
+    Float32 (and float16/bfloat16, counted as float32) tensors are binned without a logarithm: the
+    column of ``|x|`` is a table lookup on its top 16 bits (sign dropped: the exponent and 7 mantissa
+    bits, 32768 cells) plus one comparison of the whole bit pattern against the one bin edge that may
+    fall inside that cell. The tables are built once per spec from the reference binning itself (each
+    edge found by bisection and checked 256 bit patterns either side), so both paths give identical
+    counts, zeros, subnormals, NaN/Inf and values at the edges included. On a CPU each tensor is
+    counted with one ``bincount`` of a 16-bit key (a few kernels per tensor, no model-sized code
+    array); on other devices, and for small tensors, one buffer and one ``bincount`` for all.
+
+    The reference path (float64 tensors, or ``method="reference"``): all tensors of one dtype are
+    concatenated and binned with element-wise arithmetic (``log10``, no search) into a wide code per
+    element that covers the dtype's whole finite range, plus one code for NaN/Inf; one ``bincount``
+    counts every tensor at once and a small fold maps the wide codes to :class:`LogHistogramSpec`'s
+    layout. Zeros are counted with one ``_foreach_norm(..., 0)``. Its kernel count does not depend on
+    the number of tensors. FSDP2 (DTensor) tensors are counted on their local shards and the counts
+    summed across ranks (one ``all_reduce``); a sparse tensor's unstored elements count as zeros.
 
     Args:
         tensors: tensors on one device.
         spec: the bins.
         segment_ids: ``(N,)`` int64 row of each tensor (e.g. its module); default: one row per tensor.
         num_segments: number of rows (default ``N``).
+        method: ``"auto"`` (the float-bits path for float32/16/bf16 tensors, the reference for float64),
+            ``"bits"`` (the same) or ``"reference"`` (the log10 path for all). Both give identical counts.
 
     Returns:
         ``(num_segments, spec.row_size)`` int64 counts (see :class:`LogHistogramSpec` for the layout).
@@ -98,6 +110,15 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
         >>> int(h.sum()), LogHistogramSpec.split(h[0].numpy())[1:]
         (3, (1, 1))
     """
+    if method not in ("auto", "bits", "reference"):
+        from bpkit.errors import BpkitConfigError
+
+        raise BpkitConfigError("method", method, "'auto', 'bits' or 'reference'")
+    return _log_histograms(tensors, spec, segment_ids, num_segments, method != "reference")
+
+
+def _log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec, segment_ids: torch.Tensor | None,
+                    num_segments: int | None, fast: bool) -> torch.Tensor:
     n = len(tensors)
     num_segments = n if num_segments is None else num_segments
     if n == 0:
@@ -119,13 +140,18 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
     out = torch.zeros(num_segments, spec.row_size, dtype=torch.int64, device=device)
     for dtype, idx in groups.items():
         members = [tensors[i] for i in idx]
+        tables = _bit_tables(spec, device) if fast and dtype == torch.float32 else None
+        if tables is not None:
+            seg = segment_ids if len(idx) == n else segment_ids[torch.as_tensor(idx, device=device)]
+            _count_bits(members, [numels[i] for i in idx], seg, num_segments, spec, tables, out)
+            continue
         first, last = _wide_range(dtype, spec)
         width = last - first + 3  # zero code, finite codes, NaN/Inf code
         seg = segment_ids if len(idx) == n else segment_ids[torch.as_tensor(idx, device=device)]
         # exact zeros per tensor (NaN counts as non-zero): numel minus the L0 "norm", one fused launch
         stored = torch.as_tensor([t.numel() for t in members], device=device)
         implicit = torch.as_tensor([numels[i] - t.numel() for i, t in zip(idx, members)], device=device)
-        nonzero = torch._foreach_norm(members, 0)
+        nonzero = torch._foreach_norm(members, 0, dtype=torch.float64)  # exact counts (float16 overflows at 65504)
         explicit = stored - torch.stack(nonzero).to(torch.int64)
         flat = torch.cat([t.detach().reshape(-1) for t in members]).to(dtype)  # our own buffer: in place below
         flat = flat.abs_().clamp_min_(torch.finfo(dtype).smallest_normal)  # NaN stays NaN
@@ -145,3 +171,127 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
         out[:, 0] -= moved
         out[:, spec.num_bins + 2] += moved + torch.zeros_like(moved).index_add_(0, seg, implicit)
     return out if reduce is None else reduce.sum_rows(out)
+
+
+# ----------------------------------------------------------------- the float-bits path
+
+_CELL_SHIFT = 16  # a cell: the top 16 bits of |x| as float32 (8 exponent bits, 7 mantissa bits)
+_NUM_CELLS = 1 << (31 - _CELL_SHIFT)
+
+
+def reference_columns(values: torch.Tensor, spec: LogHistogramSpec) -> torch.Tensor:
+    """The column of :class:`LogHistogramSpec`'s row layout of each float32 value, by the reference (log10)
+    binning of :func:`log_histograms`: ``0`` underflow, ``1..num_bins`` the bins, ``num_bins + 1`` overflow,
+    ``num_bins + 2`` zero, ``num_bins + 3`` NaN/Inf (int64)."""
+    dtype = torch.float32
+    first, last = _wide_range(dtype, spec)
+    width = last - first + 3
+    flat = values.detach().reshape(-1).to(dtype).abs().clamp_min_(torch.finfo(dtype).smallest_normal)
+    code = torch.log10(flat).sub_(spec.low).mul_(spec.bins_per_decade).floor_().sub_(first - 1)
+    code.nan_to_num_(nan=width - 1, posinf=width - 1)
+    cols = _fold(spec, first, last, values.device)[code.to(torch.int64)]
+    return cols.masked_fill_(values.reshape(-1) == 0, spec.num_bins + 2)
+
+
+_TABLES: dict[tuple[LogHistogramSpec, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+
+def _bit_tables(spec: LogHistogramSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per cell: the column of its values below the edge it holds, and the bit pattern just below that edge
+    (int32; 2**31 - 1 where the cell holds no edge). ``None`` when a cell holds two edges (``bins_per_decade``
+    above ~290) or the reference is not a step around an edge: then the reference path counts."""
+    key = (spec, str(device))
+    if key not in _TABLES:
+        if (spec, "cpu") not in _TABLES:
+            _TABLES[(spec, "cpu")] = _build_tables(spec)
+        host = _TABLES[(spec, "cpu")]
+        _TABLES[key] = None if host is None else (host[0].to(device), host[1].to(device))
+    return _TABLES[key]
+
+
+def _ordered_columns(values: torch.Tensor, spec: LogHistogramSpec) -> torch.Tensor:
+    """:func:`reference_columns` renumbered in the order of ``|x|``: zero 0, underflow 1, the bins, overflow, NaN/Inf
+    (``_ORDER`` maps them back)."""
+    cols = reference_columns(values, spec)
+    return torch.where(cols == spec.num_bins + 2, 0, torch.where(cols == spec.num_bins + 3, cols, cols + 1))
+
+
+def _order(spec: LogHistogramSpec) -> torch.Tensor:
+    """For each column of the row layout, its ordered column (see :func:`_ordered_columns`)."""
+    return torch.as_tensor([c + 1 for c in range(spec.num_bins + 2)] + [0, spec.num_bins + 3])
+
+
+def _build_tables(spec: LogHistogramSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    cells = torch.arange(_NUM_CELLS, dtype=torch.int64) << _CELL_SHIFT
+    lo = _ordered_columns(cells.to(torch.int32).view(torch.float32), spec)
+    hi = _ordered_columns((cells + (1 << _CELL_SHIFT) - 1).to(torch.int32).view(torch.float32), spec)
+    lut = lo.clone()
+    thr = torch.full((_NUM_CELLS,), 2 ** 31 - 1, dtype=torch.int64)
+    edge = torch.nonzero(lo != hi).flatten()  # the cells that hold an edge
+    if bool((hi[edge] - lo[edge] != 1).any()):
+        return None  # two edges in one cell: the bits path cannot reproduce it
+    # bisection of every edge cell at once: the first bit pattern in the cell binned like its last value
+    left, right = edge << _CELL_SHIFT, ((edge + 1) << _CELL_SHIFT) - 1
+    for _ in range(_CELL_SHIFT):
+        mid = (left + right) // 2
+        up = _ordered_columns(mid.to(torch.int32).view(torch.float32), spec) == hi[edge]
+        right, left = torch.where(up, mid, right), torch.where(up, left, mid + 1)
+    # a step, not a wobble: 256 patterns either side of each edge binned by the reference
+    window = right[:, None] + torch.arange(-256, 256)
+    window = torch.clamp(window, (edge << _CELL_SHIFT)[:, None], ((edge + 1) << _CELL_SHIFT)[:, None] - 1)
+    cols = _ordered_columns(window.to(torch.int32).view(torch.float32), spec).view(window.shape)
+    if not bool((cols == torch.where(window >= right[:, None], hi[edge, None], lo[edge, None])).all()):
+        return None
+    thr[edge] = right - 1  # compared with '>': the sentinel 2**31 - 1 is above every pattern, NaN 0x7FFFFFFF too
+    col_dtype = torch.uint8 if spec.row_size <= 255 else torch.int32
+    return lut.to(col_dtype), thr.to(torch.int32)
+
+
+_CHUNK = 1 << 20  # elements per block of the CPU path (bounds its temporary buffers)
+_CELL_PATH_MIN = 1 << 16  # on a CPU, more elements than this take the per-cell counting
+
+
+def _count_cells(members: list[torch.Tensor], lut: torch.Tensor, thr: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(len(members), rows)`` ordered counts on a CPU: per tensor, one ``bincount`` of a 16-bit key, the cell and
+    whether the value is above the edge its cell holds; the 65536 counts go to their columns through the table."""
+    lut64 = lut.to(torch.int64)
+    # key -> column: the upper half is "above its cell's edge" (always 0 in a cell without one: clamped)
+    to_column = torch.cat([lut64, (lut64 + 1).clamp_max_(rows - 1)])
+    counts = torch.zeros(len(members), rows, dtype=torch.int64)
+    for i, t in enumerate(members):
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            piece = flat[start:start + _CHUNK]
+            if piece.dtype != torch.float32:
+                piece = piece.to(torch.float32)
+            bits = torch.bitwise_and(piece.view(torch.int32), 0x7FFFFFFF)  # |x|
+            cell = torch.bitwise_right_shift(bits, _CELL_SHIFT)
+            cell.add_(torch.gt(bits, thr.index_select(0, cell)), alpha=_NUM_CELLS)
+            counts[i].index_add_(0, to_column, torch.bincount(cell, minlength=2 * _NUM_CELLS))
+    return counts
+
+
+def _count_bits(members: list[torch.Tensor], numels: list[int], seg: torch.Tensor, num_segments: int,
+                spec: LogHistogramSpec, tables: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
+    """Add the rows of ``members`` (float32/16/bf16, local pieces) to ``out`` by the float-bits tables."""
+    lut, thr = tables
+    device = out.device
+    sizes = [t.numel() for t in members]
+    rows = spec.row_size
+    if device.type == "cpu" and sum(sizes) > _CELL_PATH_MIN:
+        counts = _count_cells(members, lut, thr, rows)
+    else:
+        flat = torch.cat([t.detach().reshape(-1) for t in members]).to(torch.float32)  # our own buffer
+        bits = flat.view(torch.int32).bitwise_and_(0x7FFFFFFF)  # |x|: positive bit patterns order as the values
+        cell = torch.bitwise_right_shift(bits, _CELL_SHIFT)
+        col = lut.index_select(0, cell)
+        above = torch.gt(bits, thr.index_select(0, cell))
+        col += above.view(torch.uint8) if col.dtype == torch.uint8 else above
+        offsets = torch.repeat_interleave(torch.arange(len(members), device=device, dtype=torch.int32) * rows,
+                                          torch.as_tensor(sizes, device=device))
+        counts = torch.bincount(offsets.add_(col), minlength=len(members) * rows).view(len(members), rows)
+    out.index_add_(0, seg, counts.to(torch.int64).index_select(1, _order(spec).to(device)))
+    implicit = [m - s for m, s in zip(numels, sizes)]  # a sparse tensor's unstored elements: zeros
+    if any(implicit):
+        out[:, spec.num_bins + 2] += torch.zeros(num_segments, dtype=torch.int64, device=device).index_add_(
+            0, seg, torch.as_tensor(implicit, device=device))
