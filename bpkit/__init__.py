@@ -3,7 +3,7 @@
 from bpkit.alert import ALERT_KINDS, Alert
 from bpkit.errors import BpkitConfigError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["ALERT_KINDS", "ActivationProbe", "Alert", "BpkitConfigError", "GradientProbe", "TemporalProbe",
            "__version__"]
 
