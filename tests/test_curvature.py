@@ -32,7 +32,7 @@ def test_linear_regression_exact_hessian(seed):
     assert m["curvature/lambda_max"] == pytest.approx(ev[-1].item(), rel=0.01)
     assert m["curvature/lambda_min"] == pytest.approx(ev[0].item(), rel=0.05)
     assert m["curvature/trace"] == pytest.approx(h.trace().item(), rel=0.15)
-    assert m["curvature/hvps"] <= 20 + 10
+    assert m["curvature/hvps"] <= 20 + 30  # max_iter Lanczos steps and trace_samples probes
     # the stated tolerance: each extreme Ritz value is within its residual of an eigenvalue
     assert abs(m["curvature/lambda_max"] - ev[-1].item()) <= m["curvature/residual"] * ev[-1].item() + 1e-5
 
@@ -70,7 +70,7 @@ def test_mlp_against_autograd_hessian():
         # unbiased: within 4 standard errors, and the error is what the stderr says
         assert abs(m["curvature/trace"] - tr) <= 4 * m["curvature/trace_stderr"] + 1e-6
         errors.append(abs(m["curvature/trace"] / tr - 1))
-    assert np.median(errors) <= 0.15
+    assert max(errors) <= 0.15  # at the default 30 probes (10 probes: up to 23% on these seeds)
 
 
 def test_lanczos_exact_on_small_and_bounded_by_residual():

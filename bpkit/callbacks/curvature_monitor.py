@@ -97,7 +97,7 @@ class CurvatureMonitor(BpkitCallback):
     who, metric_prefix = "bpkit CurvatureMonitor", "curvature"
 
     def __init__(self, every_n_steps: int = DEFAULT_EVERY_N_STEPS, probe_batch: Any = None, max_iter: int = 20,
-                 tol: float = 1e-3, trace_samples: int = 10, sharpness: bool | Mapping[str, Any] = True,
+                 tol: float = 1e-3, trace_samples: int = 30, sharpness: bool | Mapping[str, Any] = True,
                  saddle: bool | Mapping[str, Any] = True, preconditioned: bool = True, eval_mode: bool = True,
                  loss_fn: Callable[[pl.LightningModule, Any], torch.Tensor] | None = None, seed: int = 0) -> None:
         super().__init__(None)

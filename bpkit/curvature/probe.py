@@ -86,7 +86,7 @@ class CurvatureProbe:
     """
 
     def __init__(self, every_n_steps: int = DEFAULT_EVERY_N_STEPS, max_iter: int = 20, tol: float = 1e-3,
-                 trace_samples: int = 10, sharpness: bool | Mapping[str, Any] = True,
+                 trace_samples: int = 30, sharpness: bool | Mapping[str, Any] = True,
                  saddle: bool | Mapping[str, Any] = True, preconditioned: bool = True, seed: int = 0) -> None:
         self.every_n_steps = check_int("every_n_steps", every_n_steps, 0)
         self.max_iter = check_int("max_iter", max_iter, 1)
