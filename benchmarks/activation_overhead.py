@@ -94,7 +94,7 @@ def run(model: str, setting: str, steps: int, warmup: int, batch: int, root: str
                       default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, log_every_n_steps=50)
     trainer.fit(Lit(make_net()), data)
-    return timer.per_step, len(monitor._names) if monitor else 0
+    return timer.per_step, len(monitor.probe.names) if monitor else 0
 
 
 def main() -> None:
