@@ -67,7 +67,7 @@ class CurvatureMonitor(BpkitCallback):
     Args:
         every_n_steps: probe at optimizer steps ``0, N, 2N, ...`` (Lightning's logging step of the batch). The
             default (2000) keeps the amortised cost under 5% of a training step on the recipes' models (a probe
-            costs 35-60 of their steps on CPU: ``benchmarks/results/curvature_cost.md``); 0: never.
+            costs 63-73 of their steps on CPU, 3.1-3.7% amortised: ``benchmarks/results/curvature_cost.md``); 0: never.
         probe_batch: the batch to probe on (as the dataloader yields it; moved to the device); default: the first
             training batch, cloned.
         max_iter: Lanczos iterations (Hessian-vector products) at most.
