@@ -167,6 +167,32 @@ class HooksOnLogSteps(BpkitCallback):
     probe: Any
 
     @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.reset_cadence()
+        self.log_interval(trainer)  # decided (and a Trainer's log_every_n_steps=0 warned) now
+        self.probe.world_size = trainer.world_size
+        self.probe.bind(pl_module)
+
+    def read_probe(self, trainer: Any) -> dict[str, float]:
+        """The probe's one read of this log step, summed over the processes when there are several."""
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+        return self.probe.flush(reduce=reduce)
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.probe.detach()
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.probe.reset()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.probe.reset()
+
+    @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         step = self.batch_step(trainer)
         pending = self.probe.pending_step

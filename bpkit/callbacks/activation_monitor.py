@@ -106,35 +106,12 @@ class ActivationMonitor(HooksOnLogSteps):
     def state_key(self) -> str:
         return self._generate_state_key(modules=self.modules, gradients=self.gradients)
 
-    # ----------------------------------------------------------------- setup and cadence
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
-        self.reset_cadence()
-        self.log_interval(trainer)  # decided (and a Trainer's log_every_n_steps=0 warned) now
-        self.probe.world_size = trainer.world_size
-        self.probe.bind(pl_module)
-
+    # ----------------------------------------------------------------- the log step
     def _flush(self, trainer: "pl.Trainer") -> None:
         step = self.probe.pending_step
         assert step is not None
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-        _sink.log_scalars(trainer, self.probe.flush(reduce=reduce), step)
+        _sink.log_scalars(trainer, self.read_probe(trainer), step)
         if self.probe.last_histograms:
             _sink.log_histograms(trainer, self.probe.last_histograms, step)
         self.emit(trainer, self.probe.take_new_alerts())
-
-    # ----------------------------------------------------------------- cleanup and resume
-    @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.probe.detach()
-
-    @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self.probe.reset()
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self.probe.reset()
 

@@ -111,19 +111,14 @@ class TemporalGradientMonitor(HooksOnLogSteps):
     # ----------------------------------------------------------------- setup and cadence
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
-        self.reset_cadence()
-        self.log_interval(trainer)
-        self._logs = 0
-        self.probe.world_size = trainer.world_size
-        self.probe.bind(pl_module)
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._logs = 0
 
     def _flush(self, trainer: "pl.Trainer") -> None:
         step = self.probe.pending_step
         assert step is not None
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-        scalars = self.probe.flush(reduce=reduce)
+        scalars = self.read_probe(trainer)
         if not self.probe.profiles:
             return
         _sink.log_scalars(trainer, scalars, step)
@@ -150,17 +145,3 @@ class TemporalGradientMonitor(HooksOnLogSteps):
             fig.savefig(path)
             _sink.log_image(trainer, f"time/grad/{name}", path, step=step,
                             caption=f"log10 |dL/dx_t| relative to the last step; horizon {profile.horizon}")
-
-    # ----------------------------------------------------------------- cleanup and resume
-    @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.probe.detach()
-
-    @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self.probe.reset()
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self.probe.reset()
-
