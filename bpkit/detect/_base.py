@@ -76,6 +76,25 @@ class Detector:
         self._loaded = dict(state_dict)
         self._ready = False
 
+    def _persist(self, condition: np.ndarray, step: int) -> None:
+        """Per-tensor patience: count the consecutive checks ``condition`` held (``run``), and mark a tensor newly
+        over ``patience`` in ``new_mask`` (the step of the first such tensor in ``first_step``) until :meth:`_take_new`.
+        The subclass keeps ``run``, ``latched``, ``new_mask`` and ``first_step`` in its state."""
+        self.run = np.where(condition, self.run + 1, 0)
+        hit = self.run >= self.patience
+        fresh = hit & ~self.latched
+        if fresh.any() and self.first_step < 0:
+            self.first_step = int(step)
+        self.new_mask |= fresh
+        self.latched = hit
+
+    def _take_new(self) -> tuple[np.ndarray, int]:
+        """The tensors newly over ``patience`` since the last call and the first step of them; cleared."""
+        mask, step = self.new_mask, self.first_step
+        self.new_mask = np.zeros_like(mask)
+        self.first_step = -1
+        return mask, step
+
     def _take_events(self) -> int:
         """Events counted since the last report (0 if none); clears ``count`` and ``first_step``."""
         if not self._ready or self.count == 0:

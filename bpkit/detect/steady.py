@@ -67,22 +67,14 @@ class SteadyExplosionDetector(Detector):
         high = ok & (ratio > self.rel_weight)
         if mask is not None:
             high &= as_vector(mask, bool)
-        self.run = np.where(high, self.run + 1, 0)
-        hit = self.run >= self.patience
-        fresh = hit & ~self.latched
-        if fresh.any() and self.first_step < 0:
-            self.first_step = int(step)
-        self.new_mask |= fresh
-        self.latched = hit
-        self.ratio_now = np.where(high, ratio, self.ratio_now * 0)
+        self._persist(high, step)
+        self.ratio_now = np.where(high, ratio, 0.0)
 
     def alerts(self, names: Sequence[str]) -> list[Alert]:
         """The tensors whose gradient started exploding steadily since the last call (one alert, or none)."""
         if not self._ready or not self.new_mask.any():
             return []
-        mask, step = self.new_mask, self.first_step
-        self.new_mask = np.zeros_like(mask)
-        self.first_step = -1
+        mask, step = self._take_new()
         hit = [n for n, m in zip(names, mask) if m]
         worst = float(self.ratio_now[mask].max()) if (self.ratio_now[mask] > 0).any() else float("nan")
         msg = (f"exploding gradients in {len(hit)} of {len(names)} tensors ({join_names(hit)}): their gradient norm "

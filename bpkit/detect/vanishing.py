@@ -66,22 +66,14 @@ class VanishingDetector(Detector):
         low = (rel_max < self.rel_max) & (rel_weight < self.rel_weight) & finite
         if mask is not None:
             low &= as_vector(mask, bool)
-        self.run = np.where(low, self.run + 1, 0)
-        hit = self.run >= self.patience
-        fresh = hit & ~self.latched
-        if fresh.any() and self.first_step < 0:
-            self.first_step = int(step)
-        self.new_mask |= fresh
-        self.latched = hit
+        self._persist(low, step)
         self.rel_max_now, self.rel_weight_now = rel_max, rel_weight
 
     def alerts(self, names: Sequence[str]) -> list[Alert]:
         """The tensors whose gradient started vanishing since the last call (one alert, or none)."""
         if not self._ready or not self.new_mask.any():
             return []
-        mask, step = self.new_mask, self.first_step
-        self.new_mask = np.zeros_like(mask)
-        self.first_step = -1
+        mask, step = self._take_new()
         rel, relw = self.rel_max_now, self.rel_weight_now
         hit = [n for n, m in zip(names, mask) if m]
         worst = float(rel[mask].min())
