@@ -15,7 +15,8 @@ in-memory random data:
 - ``gradient_monitor_every_step``: ``GradientMonitor(log_every_n_steps=1)``;
 - ``gradient_monitor_all_every_step``: ``GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=1)``: every
   statistic (norms, max, weight norms, update ratios, histograms) at every step; ``_ref``: the same with the
-  histograms on the reference (log10) path for that run, to compare the two binnings in one process;
+  histograms on the reference (log10) path for that run, to compare the two binnings in one process; ``_sampled``:
+  the same with ``histogram_samples=4096`` (histograms over a strided sample of each tensor, estimated counts);
 - ``bpkit_default``: GradientMonitor + ActivationMonitor + GradientClipping("norm") at the default cadence;
 - ``bpkit_full``: the same three with every statistic read back and logged at every step.
 
@@ -192,6 +193,9 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "gradient_monitor_all_every_step": lambda: [GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=1)],
     "gradient_monitor_all_every_step_ref": lambda: [GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=1),
                                                     ReferenceHistograms()],
+    # the same with histograms over a strided sample of 4096 elements per tensor (estimated counts)
+    "gradient_monitor_all_every_step_sampled": lambda: [GradientMonitor(log_every_n_steps=1, histogram_every_n_steps=1,
+                                                                        histogram_samples=4096)],
     "bpkit_default": lambda: [GradientMonitor(), ActivationMonitor(), GradientClipping("norm")],
     "bpkit_full": lambda: [GradientMonitor(log_every_n_steps=1, check_every_n_steps=1),
                            ActivationMonitor(log_every_n_steps=1), GradientClipping("norm", log_every_n_steps=1)],
@@ -202,7 +206,7 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 # work in Lightning's loop (gradient_clip_val) or in module hooks (wandb.watch)
 HOOKED = {"lightning_grad_norm", "gradient_monitor", "gradient_monitor_warn", "gradient_monitor_every_step",
           "gradient_monitor_all_every_step", "gradient_monitor_all_every_step_ref",
-          "bpkit_default", "bpkit_full"}
+          "gradient_monitor_all_every_step_sampled", "bpkit_default", "bpkit_full"}
 
 # Trainer arguments of a configuration, when it needs any
 TRAINER_KWARGS: dict[str, dict[str, Any]] = {"lightning_clip": {"gradient_clip_val": 1.0}}

@@ -62,6 +62,43 @@ def test_log_step_metrics_equal_a_float64_reference():
     assert probe.flush() == {}  # nothing left
 
 
+@pytest.mark.parametrize("samples", [None, 2048])
+def test_every_statistic_every_step_on_a_model_above_the_cpu_per_tensor_threshold(samples):
+    """300x300 layers (more than 64k elements: the CPU's one-read max and update paths) against float64; histograms
+    exact, or sampled (``histogram_samples``): estimated counts that add up to each tensor's size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 4))
+    ref = nn.Sequential(*[type(m)(*m.weight.shape[::-1]) if isinstance(m, nn.Linear) else nn.ReLU() for m in model])
+    ref.load_state_dict(model.state_dict())
+    ref = ref.double()
+    opt, ref_opt = torch.optim.Adam(model.parameters(), 1e-3), torch.optim.Adam(ref.parameters(), 1e-3)
+    probe = GradientProbe(model, log_every_n_steps=1, histogram_every_n_steps=1, histogram_samples=samples)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(32, 300, generator=g)
+        model(x).pow(2).mean().backward()
+        ref(x.double()).pow(2).mean().backward()
+        before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        probe.step(step)
+        opt.step()
+        ref_opt.step()
+        metrics = probe.flush()
+        for n, p in ref.named_parameters():
+            assert metrics[f"grad/max/{n}"] == pytest.approx(p.grad.abs().max().item(), rel=1e-5)
+            assert metrics[f"grad/norm/{n}"] == pytest.approx(p.grad.norm().item(), rel=1e-5)
+            ratio = ((p - before[n]).norm() / before[n].norm()).item()
+            assert metrics[f"update/ratio/{n}"] == pytest.approx(ratio, rel=1e-3)
+            counts, edges = probe.last_histograms[f"weight/hist/{n}"]
+            assert len(edges) == len(counts) + 1
+            if samples is None or sizes[n] <= samples:
+                assert counts.sum() == sizes[n]  # exact (no zeros among the weights)
+            else:
+                assert abs(int(counts.sum()) - sizes[n]) <= len(counts)  # scaled estimates, rounded per bin
+        opt.zero_grad()
+        ref_opt.zero_grad()
+
+
 def test_named_parameters_and_no_host_read_between_log_steps():
     model = _net()
     probe = GradientProbe(list(model.named_parameters()), log_every_n_steps=10, on_nonfinite="warn")
@@ -143,6 +180,8 @@ def test_state_dict_round_trip_keeps_alerts_and_rules():
     (dict(group_by="layer"), "group_by"),
     (dict(log_every_n_steps=-1), "log_every_n_steps"),
     (dict(vanishing={"rel_mx": 1e-3}), "vanishing.rel_mx"),
+    (dict(histogram_samples=0), "histogram_samples"),
+    (dict(histogram_samples="many"), "histogram_samples"),
 ])
 def test_bad_options_name_the_key(kwargs, key):
     with pytest.raises(BpkitConfigError, match=key.replace(".", r"\.")):

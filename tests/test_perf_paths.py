@@ -96,3 +96,81 @@ def test_grad_stats_against_float64():
         assert s.weight_norms[i].item() == pytest.approx(params[i].double().norm().item(), rel=1e-5)
     total = np.sqrt(sum(t.double().pow(2).sum().item() for t in grads))
     assert s.total.item() == pytest.approx(total, rel=1e-5)
+
+
+# ----------------------------------------------------------------- sampled histograms and the CPU one-read paths
+
+from bpkit.stats.sampling import sample_layout, strided_sample  # noqa: E402
+
+
+@pytest.mark.parametrize("shape,samples", [((512, 512), 4096), ((10, 513), 100), ((64, 3, 3, 3), 50),
+                                           ((1000,), 999), ((7,), 3), ((33, 31), 64)])
+def test_strided_samples_cover_every_element_once_over_stride_phases(shape, samples):
+    x = torch.arange(int(np.prod(shape)), dtype=torch.float32).view(shape)
+    run, stride = sample_layout(shape, samples)
+    assert not any(d % stride == 0 for d in shape if d > 1 and stride > 1)
+    picked = [strided_sample(x, samples, phase) for phase in range(stride)]
+    assert all(p.numel() <= samples + run for p in picked)
+    seen = torch.cat([p.reshape(-1) for p in picked])
+    assert sorted(seen.tolist()) == list(range(x.numel()))
+
+
+def test_strided_sample_of_a_non_contiguous_tensor():
+    x = torch.randn(300, 200).t()  # a transposed view
+    picked = [strided_sample(x, 1000, phase) for phase in range(sample_layout((200, 300), 1000)[1])]
+    assert sorted(torch.cat([p.reshape(-1) for p in picked]).tolist()) == sorted(x.reshape(-1).tolist())
+
+
+def test_sampled_histograms_are_exact_for_small_tensors_and_close_for_big_ones():
+    g = torch.Generator().manual_seed(0)
+    small = [torch.randn(40, 50, generator=g), torch.zeros(30), torch.tensor([float("nan"), 1e-30, 0.0])]
+    assert torch.equal(log_histograms(small, samples=4096, phase=5), log_histograms(small))
+    big = [torch.randn(512, 512, generator=g) * 10 ** torch.randint(-6, 2, (512, 1), generator=g), torch.randn(5000)]
+    big[0][::7] = 0.0
+    exact = log_histograms(big)
+    sampled = log_histograms(big, samples=4096, phase=3)
+    assert sampled.shape == exact.shape and sampled.dtype == torch.int64
+    # scaled to the tensor's size (rounding per bin), and each bin's share within a few points of the exact one
+    assert (sampled.sum(1) - exact.sum(1)).abs().max() <= exact.shape[1]
+    share = sampled[0].double() / sampled[0].sum()
+    assert (share - exact[0].double() / exact[0].sum()).abs().max() < 0.03
+    assert torch.equal(exact[1], log_histograms([big[1]], samples=8192)[0])  # 5000 elements: all of them
+
+
+def test_sampled_histograms_over_every_phase_add_up_to_the_exact_counts():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(96, 200, generator=g) * 10 ** torch.randint(-9, 3, (96, 200), generator=g).float()
+    run, stride = sample_layout(tuple(t.shape), 1000)
+    counts = sum(log_histograms([strided_sample(t, 1000, p).reshape(-1)]) for p in range(stride))
+    assert torch.equal(counts, log_histograms([t]))
+
+
+def test_sampled_histograms_group_rows_and_validate():
+    ts = [torch.randn(300, 300), torch.randn(300), torch.randn(100, 300)]
+    seg = torch.tensor([0, 0, 1])
+    rows = log_histograms(ts, samples=2048, segment_ids=seg, num_segments=2)
+    per_tensor = log_histograms(ts, samples=2048)
+    assert torch.equal(rows, torch.stack([per_tensor[0] + per_tensor[1], per_tensor[2]]))
+    with pytest.raises(BpkitConfigError, match="samples"):
+        log_histograms(ts, samples=0)
+
+
+def test_cpu_one_read_max_and_update_norms_against_float64():
+    from bpkit.stats.norms import foreach_max_abs
+    from bpkit.stats.updates import snapshot, update_norms
+
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(400, 300, generator=g), torch.randn(300, generator=g), torch.randn(50, 400, generator=g)]
+    params[2][3, 4] = -40.0
+    maxima = foreach_max_abs(params)  # above 64k elements: the aminmax path
+    assert maxima.tolist() == [p.abs().max().item() for p in params]
+    params[1][7] = float("nan")
+    assert torch.isnan(foreach_max_abs(params)[1]) and foreach_max_abs(params)[2] == 40.0
+    params[1][7] = 0.0
+    before = [p.double().clone() for p in params]
+    snap = snapshot(params)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    upd = update_norms(params, snap)  # the torch.dist path
+    ref = [(p.double() - b).norm().item() for p, b in zip(params, before)]
+    assert upd.tolist() == pytest.approx(ref, rel=1e-4)

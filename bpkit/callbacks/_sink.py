@@ -142,7 +142,9 @@ def log_histograms(trainer: Any, hists: dict[str, tuple[np.ndarray, np.ndarray]]
             _safe(trainer, logger, "W&B histogram logging", lambda lg=logger: _wandb_histograms(lg, hists, step))
         elif is_tensorboard(logger):
             _safe(trainer, logger, "TensorBoard histogram logging", lambda lg=logger: _tb_histograms(lg, hists, step))
-    data = {k: {"counts": np.asarray(c).tolist(), "edges": np.asarray(e).tolist()} for k, (c, e) in hists.items()}
+    edges: dict[int, list[float]] = {}  # the histograms of one monitor share one edges array: converted once
+    data = {k: {"counts": np.asarray(c).tolist(), "edges": edges[id(e)] if id(e) in edges else
+                edges.setdefault(id(e), np.asarray(e).tolist())} for k, (c, e) in hists.items()}
     _append_record(trainer, ENTRY_HISTOGRAMS, step, data)
 
 

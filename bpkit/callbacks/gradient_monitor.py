@@ -108,6 +108,13 @@ class GradientMonitor(BpkitCallback):
             ``origin``). Its ``self.log`` calls are muted and the model's gradients, buffers, torchmetrics states
             and RNG streams are put back; other side effects of your ``training_step`` (a counter, a list) see the
             extra call: ``False`` turns the replay off.
+        histogram_samples: count at most about this many elements of each tensor for its histograms (every
+            ``stride``-th element, a prime stride, from an offset that moves at each histogram, so ``stride``
+            histograms in a row cover every element once) and scale the counts to the tensor's size: the histograms
+            are then estimates (rounded counts; a few hundred elements in a bin are within a few percent), at a cost
+            that no longer grows with the model. ``None`` (default): every element, exact counts. The norms, maxima,
+            update ratios and every rule stay exact either way. ``4096`` makes histograms at every step affordable
+            (``benchmarks/README.md``).
 
     Raises:
         BpkitConfigError: on an unknown action or grouping, a negative interval, bad detector
@@ -131,7 +138,8 @@ class GradientMonitor(BpkitCallback):
                  vanishing: bool | Mapping[str, Any] = True, exploding: bool | Mapping[str, Any] = True,
                  spike: bool | Mapping[str, Any] = True, check_every_n_steps: int = 10,
                  histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2,
-                 steady: bool | Mapping[str, Any] = True, locate_nonfinite: bool = True) -> None:
+                 steady: bool | Mapping[str, Any] = True, locate_nonfinite: bool = True,
+                 histogram_samples: int | None = None) -> None:
         super().__init__(log_every_n_steps)
         # the engine validates every option now (a bad config fails at construction, not at the first step)
         self.probe = GradientProbe(
@@ -140,7 +148,7 @@ class GradientMonitor(BpkitCallback):
             include=include, exclude=exclude, group_by=group_by, on_nonfinite=on_nonfinite,
             on_exploding=on_exploding, vanishing=vanishing, exploding=exploding, spike=spike,
             check_every_n_steps=check_every_n_steps, histogram_range=histogram_range, bins_per_decade=bins_per_decade,
-            steady=steady)
+            steady=steady, histogram_samples=histogram_samples)
         self.locate_nonfinite = check_bool("locate_nonfinite", locate_nonfinite)
         self.include, self.exclude, self.group_by = self.probe.include, self.probe.exclude, self.probe.group_by
         self.on_nonfinite, self.on_exploding = self.probe.on_nonfinite, self.probe.on_exploding

@@ -210,7 +210,7 @@ class GradientProbe:
 
     The options ``per_layer``, ``histograms``, ``update_ratio``, ``histogram_every_n_steps``, ``include``,
     ``exclude``, ``group_by``, ``on_nonfinite``, ``on_exploding``, ``vanishing``, ``exploding``, ``spike``,
-    ``check_every_n_steps``, ``histogram_range``, ``bins_per_decade`` and ``steady`` are those of
+    ``check_every_n_steps``, ``histogram_range``, ``bins_per_decade``, ``steady`` and ``histogram_samples`` are those of
     :class:`bpkit.callbacks.GradientMonitor`.
 
     Args:
@@ -258,7 +258,7 @@ class GradientProbe:
                  spike: bool | Mapping[str, Any] = True, check_every_n_steps: int = 10,
                  histogram_range: Sequence[float] = (-12.0, 4.0), bins_per_decade: int = 2,
                  steady: bool | Mapping[str, Any] = True, optimizers: Sequence[Any] | None = None,
-                 total_steps: float | None = None) -> None:
+                 total_steps: float | None = None, histogram_samples: int | None = None) -> None:
         from bpkit.errors import check_bool, check_globs
 
         self.model: torch.nn.Module | None = None
@@ -269,6 +269,10 @@ class GradientProbe:
             check_int("histogram_every_n_steps", histogram_every_n_steps, 1)
         self.histogram_every_n_steps = histogram_every_n_steps
         self.update_ratio = check_bool("update_ratio", update_ratio)
+        if histogram_samples is not None:
+            check_int("histogram_samples", histogram_samples, 1)
+        self.histogram_samples = histogram_samples
+        self._histograms_taken = 0  # the sampled histograms' phase
         self.include = check_globs("include", include)
         self.exclude = check_globs("exclude", exclude)
         self.group_by = check_choice("group_by", group_by, GROUP_BY)
@@ -675,8 +679,10 @@ class GradientProbe:
         pending = {"norms": units.norms, "max": units.max_abs, "weight": units.weight_norms, "total": units.total}
         seg = plan.unit_of if present is None else plan.unit_of.index_select(0, present)
         if histograms:
-            pending["grad_hist"] = log_histograms(grads, self.hist_spec, seg, len(plan.units))
-            pending["weight_hist"] = log_histograms(params, self.hist_spec, seg, len(plan.units))
+            sampled = dict(samples=self.histogram_samples, phase=self._histograms_taken)
+            pending["grad_hist"] = log_histograms(grads, self.hist_spec, seg, len(plan.units), **sampled)
+            pending["weight_hist"] = log_histograms(params, self.hist_spec, seg, len(plan.units), **sampled)
+            self._histograms_taken += 1
         if self.update_ratio:
             plan.snapshot = snapshot(params, plan.snapshot_buffer)
             if plan.snapshot.device.type == "cpu":  # a GPU's caching allocator reuses the memory by itself

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 
+from bpkit.stats.sampling import strided_sample
 from bpkit.stats.sharded import ShardReduce, locals_of
 
 
@@ -72,7 +74,7 @@ def _fold(spec: LogHistogramSpec, first: int, last: int, device: torch.device) -
 @torch.no_grad()
 def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = LogHistogramSpec(),
                    segment_ids: torch.Tensor | None = None, num_segments: int | None = None,
-                   method: str = "auto") -> torch.Tensor:
+                   method: str = "auto", samples: int | None = None, phase: int = 0) -> torch.Tensor:
     """Histogram of ``log10 |x|`` of every tensor (or every group of tensors), on the device.
 
     Float32 (and float16/bfloat16, counted as float32) tensors are binned without a logarithm: the
@@ -99,6 +101,12 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
         num_segments: number of rows (default ``N``).
         method: ``"auto"`` (the float-bits path for float32/16/bf16 tensors, the reference for float64),
             ``"bits"`` (the same) or ``"reference"`` (the log10 path for all). Both give identical counts.
+        samples: count at most about this many elements of each tensor (:func:`bpkit.stats.sampling.strided_sample`:
+            every ``stride``-th element, a prime stride) and scale its counts to the tensor's size: estimated counts
+            (rounded), a few kernels whatever the model's size. ``None``: every element, exact. Sharded and sparse
+            tensors are always counted exactly.
+        phase: the sample's offset (e.g. the number of histograms taken so far): over ``stride`` consecutive
+            phases every element is counted once.
 
     Returns:
         ``(num_segments, spec.row_size)`` int64 counts (see :class:`LogHistogramSpec` for the layout).
@@ -114,11 +122,38 @@ def log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec = Log
         from bpkit.errors import BpkitConfigError
 
         raise BpkitConfigError("method", method, "'auto', 'bits' or 'reference'")
+    if samples is not None:
+        from bpkit.errors import check_int
+
+        check_int("samples", samples, 1)
+        if ShardReduce.of(tensors) is None and all(t.layout == torch.strided for t in tensors):
+            return _sampled_histograms(list(tensors), spec, segment_ids, num_segments, method != "reference",
+                                       int(samples), int(phase))
     return _log_histograms(tensors, spec, segment_ids, num_segments, method != "reference")
 
 
+def _sampled_histograms(tensors: list[torch.Tensor], spec: LogHistogramSpec, segment_ids: torch.Tensor | None,
+                        num_segments: int | None, fast: bool, samples: int, phase: int) -> torch.Tensor:
+    """:func:`log_histograms` over a strided sample of each tensor, each row scaled to its tensor's size."""
+    n = len(tensors)
+    num_segments = n if num_segments is None else num_segments
+    if n == 0:
+        return torch.zeros(num_segments, spec.row_size, dtype=torch.int64)
+    device = tensors[0].device
+    picked = [strided_sample(t, samples, phase) for t in tensors]
+    scale = [t.numel() / max(1, p.numel()) for t, p in zip(tensors, picked)]
+    counts = _log_histograms(picked, spec, None, None, fast, concat=True)  # one row per tensor
+    if any(f != 1.0 for f in scale):
+        factor = torch.as_tensor(scale, dtype=torch.float64, device=device)
+        counts = counts.to(torch.float64).mul_(factor[:, None]).round_().to(torch.int64)
+    if segment_ids is None and num_segments == n:
+        return counts
+    seg = torch.arange(n, device=device) if segment_ids is None else segment_ids
+    return torch.zeros(num_segments, spec.row_size, dtype=torch.int64, device=device).index_add_(0, seg, counts)
+
+
 def _log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec, segment_ids: torch.Tensor | None,
-                    num_segments: int | None, fast: bool) -> torch.Tensor:
+                    num_segments: int | None, fast: bool, concat: bool = False) -> torch.Tensor:
     n = len(tensors)
     num_segments = n if num_segments is None else num_segments
     if n == 0:
@@ -143,7 +178,7 @@ def _log_histograms(tensors: Sequence[torch.Tensor], spec: LogHistogramSpec, seg
         tables = _bit_tables(spec, device) if fast and dtype == torch.float32 else None
         if tables is not None:
             seg = segment_ids if len(idx) == n else segment_ids[torch.as_tensor(idx, device=device)]
-            _count_bits(members, [numels[i] for i in idx], seg, num_segments, spec, tables, out)
+            _count_bits(members, [numels[i] for i in idx], seg, num_segments, spec, tables, out, concat)
             continue
         first, last = _wide_range(dtype, spec)
         width = last - first + 3  # zero code, finite codes, NaN/Inf code
@@ -271,14 +306,23 @@ def _count_cells(members: list[torch.Tensor], lut: torch.Tensor, thr: torch.Tens
     return counts
 
 
+@lru_cache(maxsize=64)
+def _row_offsets(sizes: tuple[int, ...], rows: int, device: torch.device) -> torch.Tensor:
+    """``i * rows`` for each element of the ``i``-th tensor (int32): the same few layouts come back step after step."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device, dtype=torch.int32) * rows,
+                                   torch.as_tensor(sizes, device=device))
+
+
 def _count_bits(members: list[torch.Tensor], numels: list[int], seg: torch.Tensor, num_segments: int,
-                spec: LogHistogramSpec, tables: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
-    """Add the rows of ``members`` (float32/16/bf16, local pieces) to ``out`` by the float-bits tables."""
+                spec: LogHistogramSpec, tables: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
+                concat: bool = False) -> None:
+    """Add the rows of ``members`` (float32/16/bf16, local pieces) to ``out`` by the float-bits tables (``concat``:
+    always through one buffer, e.g. for samples that are small whatever their number)."""
     lut, thr = tables
     device = out.device
     sizes = [t.numel() for t in members]
     rows = spec.row_size
-    if device.type == "cpu" and sum(sizes) > _CELL_PATH_MIN:
+    if device.type == "cpu" and not concat and sum(sizes) > _CELL_PATH_MIN:
         counts = _count_cells(members, lut, thr, rows)
     else:
         flat = torch.cat([t.detach().reshape(-1) for t in members]).to(torch.float32)  # our own buffer
@@ -287,9 +331,8 @@ def _count_bits(members: list[torch.Tensor], numels: list[int], seg: torch.Tenso
         col = lut.index_select(0, cell)
         above = torch.gt(bits, thr.index_select(0, cell))
         col += above.view(torch.uint8) if col.dtype == torch.uint8 else above
-        offsets = torch.repeat_interleave(torch.arange(len(members), device=device, dtype=torch.int32) * rows,
-                                          torch.as_tensor(sizes, device=device))
-        counts = torch.bincount(offsets.add_(col), minlength=len(members) * rows).view(len(members), rows)
+        key = _row_offsets(tuple(sizes), rows, device).add(col)
+        counts = torch.bincount(key, minlength=len(members) * rows).view(len(members), rows)
     out.index_add_(0, seg, counts.to(torch.int64).index_select(1, _order(spec).to(device)))
     implicit = [m - s for m, s in zip(numels, sizes)]  # a sparse tensor's unstored elements: zeros
     if any(implicit):

@@ -43,11 +43,15 @@ def foreach_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> to
     return norms if reduce is None else reduce.norms(norms, float(norm_type))
 
 
+_PER_TENSOR_MIN = 1 << 16  # on a CPU, more elements than this are reduced tensor by tensor (one read each)
+
+
 def foreach_max_abs(tensors: Sequence[torch.Tensor], scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``max |x|`` of every tensor as one 1-D float32 tensor; NaN when a tensor holds a NaN.
 
     ``_foreach_max(_foreach_abs(...))``: two launches. (``_foreach_norm(tensors, inf)`` gives the same
-    numbers but is about 10x slower than an L2 norm on CPU.) ``scratch``: a flat float32 buffer of the
+    numbers but is about 10x slower than an L2 norm on CPU.) On a CPU, above 64k elements in all, one ``aminmax``
+    per tensor instead: one read of each tensor (half the time of the copy, ``abs`` and ``max``). ``scratch``: a flat float32 buffer of the
     tensors' total size to take the absolute values in (three launches, no allocation: on a CPU a
     fresh model-sized buffer costs its page faults, twice the work itself); ignored when it does not fit.
 
@@ -63,6 +67,12 @@ def foreach_max_abs(tensors: Sequence[torch.Tensor], scratch: torch.Tensor | Non
     pieces = locals_of(tensors)
     # an empty piece (a rank's empty shard, a sparse tensor without values) has no max: use a zero
     pieces = [t if t.numel() else t.new_zeros(1) for t in pieces]
+    if (pieces[0].device.type == "cpu" and sum(t.numel() for t in pieces) > _PER_TENSOR_MIN
+            and all(t.device.type == "cpu" and t.layout == torch.strided for t in pieces)):
+        # one read per tensor: on a CPU a kernel launch costs microseconds, a pass over a big tensor milliseconds
+        low, high = zip(*(torch.aminmax(t) for t in pieces))
+        out = torch.maximum(_stack(high, pieces[0].device), _stack(low, pieces[0].device).neg_())
+        return out if reduce is None else reduce.max(out)
     sizes = [t.numel() for t in pieces]
     if (scratch is not None and scratch.numel() == sum(sizes) and scratch.dtype == torch.float32
             and all(t.dtype == torch.float32 and t.device == scratch.device and t.layout == torch.strided
