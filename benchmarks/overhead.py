@@ -182,6 +182,8 @@ class ReferenceHistograms(pl.Callback):
 # name -> a function returning the callbacks of one run; extend this dict to benchmark more callbacks
 CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "bare": lambda: [],
+    "empty_callback": lambda: [pl.Callback()],  # what Lightning's dispatch of every hook to one callback costs
+    "empty_callback_x10": lambda: [pl.Callback() for _ in range(10)],
     "lightning_clip": lambda: [],  # bare + Trainer(gradient_clip_val=1.0): what bpkit_default's clipping replaces
     "lightning_grad_norm": lambda: [LightningGradNorm()],
     "wandb_watch_all": lambda: [WandbWatch(50)],

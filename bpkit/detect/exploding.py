@@ -118,6 +118,48 @@ class ExplodingDetector(Detector):
         self.seen += 1
         return exploded
 
+    def update_many(self, totals: np.ndarray, norms: np.ndarray, steps: Sequence[int]) -> bool:
+        """:meth:`update` for many steps at once (``(steps,)`` totals and ``(steps, tensors)`` norms, in step order),
+        the same state. The running medians of all the steps come from one sort; the common case (every total finite
+        and below its threshold, the growth baseline already known) then updates the state in bulk; any other batch
+        goes step by step. Returns whether the last step exploded."""
+        totals = np.asarray(totals, dtype=np.float64).reshape(-1)
+        n = totals.size
+        norms = np.asarray(norms, dtype=np.float64).reshape(n, -1)
+        if n == 0:
+            return False
+        self._ensure(norms.shape[1])
+        if (self.seen < self.baseline_steps or not np.isfinite(totals).all() or not np.isfinite(norms).all()
+                or (self.max_norm is not None and (totals > self.max_norm).any())):
+            return self._update_each(totals, norms, steps)
+        window = self.window
+        # the ring in time order (oldest first; never-filled slots, NaN, first), then this batch: step i's
+        # running median is over the `window` values before it
+        timeline = np.concatenate([np.roll(self.history, -(self.seen % window)), totals])
+        frames = np.sort(np.lib.stride_tricks.sliding_window_view(timeline, window)[:n], axis=1)  # NaN sorts last
+        finite = np.isfinite(frames).sum(axis=1)
+        medians = np.where(finite > 0, frames[np.arange(n), np.maximum(finite - 1, 0) // 2], np.nan)
+        seen = self.seen + np.arange(n)
+        relative = np.where((seen >= self.warmup) & ~np.isnan(medians), medians * self.factor, np.inf)
+        relative = np.minimum(relative, self.baseline * self.growth_factor)
+        if (totals > relative).any():
+            return self._update_each(totals, norms, steps)
+        last = totals[-window:]
+        self.history[(self.seen + n - last.size + np.arange(last.size)) % window] = last
+        self.streak = 0
+        ema = self.ema
+        for row in norms:  # the per-tensor averages that name the growing tensors when a rule fires
+            ema = self.beta * ema + (1 - self.beta) * row
+        self.ema = ema
+        self.seen += n
+        return False
+
+    def _update_each(self, totals: np.ndarray, norms: np.ndarray, steps: Sequence[int]) -> bool:
+        exploded = False
+        for total, row, step in zip(totals.tolist(), norms, steps):
+            exploded = self.update(total, row, step)
+        return exploded
+
     def alerts(self, names: Sequence[str]) -> list[Alert]:
         """The explosion seen since the last call (one alert, or none); clears it."""
         if not self._ready or self.count == 0:

@@ -48,6 +48,22 @@ class NonFiniteDetector(Detector):
             self.total_steps += 1
         return happened
 
+    def update_many(self, nonfinite: np.ndarray, steps: Sequence[int]) -> bool:
+        """:meth:`update` for many steps at once (``(steps, tensors)`` flags, in step order), the same state.
+        Returns "any" for the last step."""
+        masks = np.asarray(nonfinite, dtype=bool).reshape(len(steps), -1)
+        if not len(steps):
+            return False
+        self._ensure(masks.shape[1])
+        hit = masks.any(axis=1)
+        rows = np.flatnonzero(hit)
+        if rows.size:
+            if self.first_step < 0:
+                self.first_step, self.first_mask = int(steps[rows[0]]), masks[rows[0]].copy()
+            self.count += int(rows.size)
+            self.total_steps += int(rows.size)
+        return bool(hit[-1])
+
     def alerts(self, names: Sequence[str]) -> list[Alert]:
         """The non-finite steps seen since the last call (one alert, or none); clears them."""
         if not self._ready:

@@ -88,6 +88,43 @@ class SpikeDetector(Detector):
             self.seen[i] = seen + 1
         return spikes
 
+    def update_many(self, values: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+        """:meth:`update` for many steps at once (``(steps, series)`` values, in step order): the same arithmetic
+        in plain floats, the state written back once. Returns the spike flags of the last step."""
+        self._ensure()
+        k = len(self.names)
+        values = np.asarray(values, dtype=np.float64).reshape(len(steps), k)
+        spikes = np.zeros(k, dtype=bool)
+        z, min_std, alpha, warmup = self.z, self.min_std, self.alpha, self.warmup
+        for i in range(k):
+            mean, var, seen = float(self.mean[i]), float(self.var[i]), int(self.seen[i])
+            count, peak = int(self.count[i]), float(self.peak_z[i])
+            first = int(self.first_step[i])
+            spiked = False
+            for step, x in zip(steps, values[:, i].tolist()):
+                spiked = False
+                if not 0.0 < x < math.inf:  # NaN, Inf and non-positive values are skipped
+                    continue
+                y = math.log(x)
+                std = max(math.sqrt(var), min_std)
+                limit = mean + z * std
+                if seen >= warmup and y > limit:
+                    spiked = True
+                    if first < 0:
+                        first = int(step)
+                        self.first_value[i], self.first_threshold[i] = x, math.exp(limit)
+                    peak = max(peak, (y - mean) / std)
+                    count += 1
+                a = max(1.0 / (seen + 1), alpha)
+                delta = min(y, limit) - mean
+                var = 0.0 if seen == 0 else (1 - a) * (var + a * delta * delta)
+                mean = mean + a * delta
+                seen += 1
+            self.mean[i], self.var[i], self.seen[i] = mean, var, seen
+            self.count[i], self.peak_z[i], self.first_step[i] = count, peak, first
+            spikes[i] = spiked
+        return spikes
+
     def alerts(self, names: Sequence[str] | None = None) -> list[Alert]:
         """One alert per series that spiked since the last call; clears them."""
         if not self._ready or not self.count.any():

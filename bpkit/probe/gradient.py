@@ -748,12 +748,10 @@ class GradientProbe:
             if f"{i}/rows" in host:
                 steps, masks = plan.rows.take()
                 rows = host[f"{i}/rows"]
-                last = {}
-                for step, row in zip(steps, rows):
-                    norms, total = row[:width], row[width]
-                    last["nonfinite"] = det["nonfinite"].update(~np.isfinite(norms), step)
-                    if "exploding" in det:
-                        last["exploding"] = det["exploding"].update(total, norms, step)
+                # every row through the rules at once (each rule gives the state of feeding them one by one)
+                last = {"nonfinite": det["nonfinite"].update_many(~np.isfinite(rows[:, :width]), steps)}
+                if "exploding" in det:
+                    last["exploding"] = det["exploding"].update_many(rows[:, width], rows[:, :width], steps)
                 flags[id(plan)] = last
                 # unused-tensor bookkeeping and the last steps for a crash record, over all rows at once
                 norms = rows[:, :width]
@@ -776,8 +774,7 @@ class GradientProbe:
                         det["steady"].update(row[:width], row[width:], step, mask)
         if "loss/rows" in host:
             steps, _ = self._loss_rows.take()
-            for step, row in zip(steps, host["loss/rows"]):
-                self._loss_spike.update(row, step)
+            self._loss_spike.update_many(host["loss/rows"], steps)
             for step, loss in zip(steps[-20:], host["loss/rows"][-20:, 0].tolist()):
                 self._note_recent(step, loss=loss)
         return flags
