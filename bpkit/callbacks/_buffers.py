@@ -14,6 +14,8 @@ from weakref import WeakKeyDictionary
 
 import torch
 
+from bpkit.callbacks._cadence import batch_step
+
 _GUARDS: "WeakKeyDictionary[Any, BufferGuard]" = WeakKeyDictionary()
 
 
@@ -82,8 +84,6 @@ def guard_for(module: Any) -> BufferGuard:
 def save_for_skip(trainer: Any, pl_module: Any) -> None:
     """Call in ``on_train_batch_start`` by every callback that may skip a step: copies the buffers at the first
     batch of each optimizer window (the micro-batches of one accumulation window share the key)."""
-    from bpkit.callbacks._cadence import batch_step
-
     # the micro-batches of one accumulation window share Lightning's logging step; the next window has the next one
     # (a module without buffers costs a key comparison: save() walks it only every 64th window)
     guard_for(pl_module).save(pl_module, (id(trainer), batch_step(trainer)))

@@ -59,6 +59,10 @@ class ActivationMonitor(HooksOnLogSteps):
             outputs are saturated (0..1).
         patience: consecutive log steps over a threshold before an alert.
         gradients: also measure the gradient w.r.t. each module output (tensor hooks, log steps only).
+        histogram_samples: histogram a strided sample of about this many elements of each module output larger than
+            that (a new offset at each step), counts scaled to the whole output: estimates, at a fraction of a
+            histogram's cost. ``None`` (the default) counts every element. Mean, std, zeros, dead units and
+            saturation are always exact.
 
     Raises:
         BpkitConfigError: for a bad argument here, or at the start of fit for a glob matching no module.
@@ -79,11 +83,11 @@ class ActivationMonitor(HooksOnLogSteps):
     def __init__(self, modules: str | Sequence[str] = "auto", log_every_n_steps: int | None = None,
                  histograms: bool = True, bins: int = 64, hist_range: tuple[float, float] = (-4.0, 4.0),
                  dead_threshold: float = 0.5, saturation_threshold: float = 0.99, saturated_fraction: float = 0.5,
-                 patience: int = 3, gradients: bool = False) -> None:
+                 patience: int = 3, gradients: bool = False, histogram_samples: int | None = None) -> None:
         probe = ActivationProbe(None, modules=modules, histograms=histograms, bins=bins, hist_range=hist_range,
                                 dead_threshold=dead_threshold, saturation_threshold=saturation_threshold,
                                 saturated_fraction=saturated_fraction, patience=patience, gradients=gradients,
-                                who=self.who)
+                                histogram_samples=histogram_samples, who=self.who)
         super().__init__(log_every_n_steps)
         self.probe = probe
 

@@ -35,6 +35,9 @@ def _run_length(trainer: pl.Trainer) -> float | None:
 
 
 
+_SKIPS = ("skip", "stop")  # the actions that drop a step (its forward pass moved BatchNorm's running statistics)
+
+
 class GradientMonitor(BpkitCallback):
     r"""Per-layer gradient statistics at every optimizer step, computed on the device in a few fused
     kernels and read back once per log interval, with vanishing / exploding / non-finite / spike
@@ -157,6 +160,7 @@ class GradientMonitor(BpkitCallback):
         self._backwards = 0  # backward passes seen: with the global step, tells one optimizer step from the next
         self._done: dict[int, tuple[int, int]] = {}  # per optimizer: the step whose statistics are computed
         self._norms: dict[int, StepNorms | None] = {}  # per optimizer: that step's norms, for GradientClipping
+        self._replay_fn: Callable[[], Any] | bool | None = None  # None: not made yet this fit; False: none
 
     @property
     def state_key(self) -> str:
@@ -179,6 +183,7 @@ class GradientMonitor(BpkitCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.reset_cadence()
+        self._replay_fn = None
         interval = self.log_interval(trainer)
         self.probe.bind(pl_module)
         self.probe.configure(interval, accumulate=int(trainer.accumulate_grad_batches or 1))
@@ -204,7 +209,7 @@ class GradientMonitor(BpkitCallback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if {"skip", "stop"} & {self.on_nonfinite, self.on_exploding}:
+        if self.on_nonfinite in _SKIPS or self.on_exploding in _SKIPS:
             _buffers.save_for_skip(trainer, pl_module)  # a skipped step puts BatchNorm's running stats back
         self._batch = (batch, batch_idx)  # replayed on a non-finite step to find where the NaN starts
 
@@ -233,14 +238,16 @@ class GradientMonitor(BpkitCallback):
         self._done[id(optimizer)] = token
         self.probe.optimizers = list(trainer.optimizers)
         try:
-            ok = self.probe.step(self.batch_step(trainer), optimizer=optimizer,
-                                 replay=self._replay(trainer, pl_module))
+            if self._replay_fn is None:  # made once per fit: the batch it replays is read when it is called
+                self._replay_fn = self._replay(trainer, pl_module) or False
+            ok = self.probe.step(self.batch_step(trainer), optimizer=optimizer, replay=self._replay_fn or None)
         except (NonFiniteGradientError, ExplodingGradientError):
             self.emit(trainer, self.probe.take_new_alerts())  # the run ends here: the metric now
             raise
         self._norms[id(optimizer)] = self.probe.last_norms
         # an action's alert is warned and recorded now; its grad/alert/<kind> count comes with the next log step's
-        self.emit(trainer, self.probe.take_new_alerts(), log_metric=False)
+        if self.probe.has_new_alerts:
+            self.emit(trainer, self.probe.take_new_alerts(), log_metric=False)
         if not ok:
             _buffers.restore_after_skip(pl_module)  # the forward of this step moved BatchNorm's running stats
             if self.probe.should_stop:
@@ -254,9 +261,9 @@ class GradientMonitor(BpkitCallback):
                 or not pl_module.automatic_optimization \
                 or trainer.world_size > 1:
             return None
-        batch, batch_idx = self._batch
 
         def replay() -> Any:
+            batch, batch_idx = self._batch
             with muted_logging(pl_module), trainer.precision_plugin.train_step_context():  # no second train/loss
                 return pl_module.training_step(batch, batch_idx)
 

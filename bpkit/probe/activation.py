@@ -74,6 +74,10 @@ class ActivationProbe:
         patience: consecutive flushes over a threshold before an alert.
         gradients: also measure the gradient w.r.t. each module output (tensor hooks; call ``backward`` before
             :meth:`flush`).
+        histogram_samples: histogram a strided sample of about this many elements of each output larger than that
+            (:func:`bpkit.stats.sampling.strided_sample`, a new offset at each call), counts scaled to the whole
+            output: estimates, at a fraction of the cost of a histogram's full pass. ``None`` (the default) counts
+            every element. Mean, std, zeros, dead units and saturation are always exact.
         reduce: how :meth:`flush` sums the packed statistics over the ranks when the world size is > 1
             (default: ``torch.distributed.all_reduce``); ignored with one process.
         world_size: the number of ranks whose batches make one step (default: ``torch.distributed``'s world
@@ -114,8 +118,8 @@ class ActivationProbe:
     def __init__(self, model: nn.Module | None, modules: str | Sequence[str] = "auto", histograms: bool = True,
                  bins: int = 64, hist_range: tuple[float, float] = (-4.0, 4.0), dead_threshold: float = 0.5,
                  saturation_threshold: float = 0.99, saturated_fraction: float = 0.5, patience: int = 3,
-                 gradients: bool = False, *, reduce: Reduce | None = None, world_size: int | None = None,
-                 who: str = "bpkit ActivationProbe") -> None:
+                 gradients: bool = False, histogram_samples: int | None = None, *, reduce: Reduce | None = None,
+                 world_size: int | None = None, who: str = "bpkit ActivationProbe") -> None:
         if isinstance(modules, str) and modules:
             modules = [modules] if modules != "auto" else "auto"
         elif (isinstance(modules, Sequence) and not isinstance(modules, str) and modules
@@ -130,7 +134,8 @@ class ActivationProbe:
                                                 low_inclusive=False, high_inclusive=False)
         self.gradients = check_bool("gradients", gradients)
         self.rules = ActivationRules(dead_threshold, saturated_fraction, patience)
-        self.hist_range = ActivationStats([], bins=self.bins, hist_range=hist_range).hist_range  # validated now
+        checked = ActivationStats([], bins=self.bins, hist_range=hist_range, histogram_samples=histogram_samples)
+        self.hist_range, self.histogram_samples = checked.hist_range, checked.histogram_samples  # validated now
         if reduce is not None and not callable(reduce):
             raise BpkitConfigError("reduce", reduce, "a callable that sums a tensor over the ranks, or None")
         self.reduce = reduce
@@ -159,8 +164,8 @@ class ActivationProbe:
         self._step_calls = 0
         self._world = 1  # the world size of the step being collected
         self._device: torch.device | None = None
-        # per module: how much its input differs between samples, and its largest |input|
-        self._spread: dict[str, torch.Tensor] = {}
+        # per module and call: the smallest and largest value of each input feature over the batch
+        self._spread: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._order: list[str] = []  # the modules measured on this step, in the order they ran
         self._unused: set[str] = set()
         self._warned_empty = False
@@ -218,8 +223,10 @@ class ActivationProbe:
         kinds = {n: saturation_kind(found[n]) for n in chosen}
         bins = self.bins if self._histograms_on else 0
         self._act = ActivationStats(chosen, kinds, bins=bins, hist_range=self.hist_range,
-                                    saturation_threshold=self.saturation_threshold)
-        self._grad = ActivationStats(chosen, None, bins=bins, log_magnitude=True) if self.gradients else None
+                                    saturation_threshold=self.saturation_threshold,
+                                    histogram_samples=self.histogram_samples)
+        self._grad = ActivationStats(chosen, None, bins=bins, log_magnitude=True,
+                                     histogram_samples=self.histogram_samples) if self.gradients else None
         return list(chosen)
 
     # ----------------------------------------------------------------- hooks
@@ -310,16 +317,37 @@ class ActivationProbe:
 
     @torch.no_grad()
     def _note_spread(self, name: str, inputs: Any) -> None:
-        """How much the module's input differs between the samples of the batch (0: the same for all)."""
+        """The smallest and largest value of each input feature over the batch (two kernels): :meth:`flush` finds
+        from them whether the input is the same for every sample (min == max everywhere) and whether it is all
+        zeros (both 0 everywhere)."""
         x = output_tensor(inputs)
-        if x is None or x.dim() == 0 or x.shape[0] < 2:  # unknown: counts as varying and non-zero
-            spread = torch.ones(2, dtype=torch.float64, device=x.device if x is not None else "cpu")
+        if x is None or x.dim() == 0 or x.shape[0] < 2 or x.numel() == 0:  # unknown: varying and non-zero
+            low_high = (-torch.ones(1), torch.ones(1))
         else:
-            spread = torch.stack([(x - x[:1]).abs().amax(), x.abs().amax()]).to(torch.float64)
-        prev = self._spread.get(name)
-        if prev is None:
+            flat = x.reshape(x.shape[0], -1)
+            low_high = (flat.amin(0), flat.amax(0))  # 3-10x faster than aminmax(dim=0) on CPU
+        calls = self._spread.get(name)
+        if calls is None:
             self._order.append(name)
-        self._spread[name] = spread if prev is None else torch.maximum(prev, spread.to(prev.device))
+            self._spread[name] = calls = []
+        calls.append(low_high)
+
+    def _spreads(self, names: list[str], device: torch.device) -> torch.Tensor:
+        """Per module of ``names``: ``[spread, top]``, non-negative, 0 when its input was the same for every sample
+        (spread) or all zeros (top) in every call, as ONE flat float64 tensor (a few kernels for all modules)."""
+        if not names:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        pairs = [(n, pair) for n in names for pair in self._spread[n]]
+        lows = torch.cat([low.to(device, torch.float64) for _, (low, _) in pairs])
+        highs = torch.cat([high.to(device, torch.float64) for _, (_, high) in pairs])
+        per_element = torch.stack([highs - lows, torch.maximum(lows.abs(), highs.abs())], dim=1)
+        per_element.nan_to_num_(nan=1.0)  # NaN (or inf - inf): varying and non-zero
+        row = {n: i for i, n in enumerate(names)}
+        segment = torch.repeat_interleave(torch.tensor([row[n] for n, _ in pairs], device=device),
+                                          torch.tensor([low.numel() for _, (low, _) in pairs], device=device))
+        # sums of non-negative numbers: 0 exactly when every one is 0, also after a cross-rank sum
+        return torch.zeros(len(names), 2, dtype=torch.float64, device=device).index_add_(0, segment,
+                                                                                         per_element).view(-1)
 
     def _grad_hook(self, name: str, dim: int, grad: torch.Tensor) -> None:
         if self._grad is not None:
@@ -360,8 +388,7 @@ class ActivationProbe:
         if self._grad is not None:
             parts.append(self._grad.packed(device))
         spread_names = [n for n in self.names if n in self._spread]
-        parts.append(torch.cat([self._spread[n].to(device, torch.float64) for n in spread_names])
-                     if spread_names else torch.zeros(0, dtype=torch.float64, device=device))
+        parts.append(self._spreads(spread_names, device))
         self._spread = {}
         packed = torch.cat([p.to(device, torch.float64) for p in parts])
         summed = self._world > 1

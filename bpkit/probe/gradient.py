@@ -128,6 +128,8 @@ class _Plan:
         self.trainable: np.ndarray | None = None  # per unit at the pending log step; None: all
         self.present_masks: dict[tuple[bool, ...], tuple[torch.Tensor, np.ndarray]] = {}
         self.fast: bool | None = None  # GradientProbe._fast_norms applies (None: not known yet)
+        self.checks_rules = True  # the vanishing or steady rule runs on check steps
+        self.actions: list[tuple[str, str]] | None = None  # (rule, action) pairs that decide on the step itself
 
     def units_of(self, stats: GradStats) -> GradStats:
         return stats.grouped(self.unit_of, len(self.units)) if self.grouped else stats
@@ -435,6 +437,7 @@ class GradientProbe:
         plan = _Plan([p for _, p in selected], [n for n, _ in selected], self.group_by, selected[0][1].device,
                      covers_all, self._rows_capacity - 2, self.check_every_n_steps)
         plan.optimizer_size = size
+        plan.checks_rules = self._vanishing is not None or self._steady is not None
         if self._vanishing is not None:
             plan.detectors["vanishing"] = VanishingDetector(**self._vanishing)
         if self._exploding is not None:
@@ -494,9 +497,11 @@ class GradientProbe:
         """The common step that neither logs nor checks, every watched tensor with a plain dense gradient, on one
         device, per tensor: the norms straight into the step's row (the same three kernels as :func:`grad_stats`,
         no per-tensor Python beyond reading ``.grad``). ``None``: take the general path."""
-        if plan.fast is False or self.is_log_step(step) or self.is_histogram_step(step):
-            return None
-        if ("vanishing" in plan.detectors or "steady" in plan.detectors) and step % self.check_every_n_steps == 0:
+        every, hist_every = self.log_every_n_steps, self.histogram_every_n_steps
+        # a log step, a histogram step (one of its own cadence; the default cadence's are log steps) or a check step
+        if plan.fast is False or (every and ((step + 1) % every == 0 or (
+                hist_every and self.histograms and (step + 1) % hist_every == 0))) or (
+                plan.checks_rules and step % self.check_every_n_steps == 0):
             return None
         grads = [p.grad for p in plan.params]
         if not all(map(_is_not_none, grads)):
@@ -509,7 +514,7 @@ class GradientProbe:
                 return None
         if plan.rows.must_drain(device) or plan.checks.must_drain(device):
             return None
-        row_norms, row_total = plan.rows.push(step, device)
+        row_norms, row_total = plan.rows.push(step, device)  # (the statistics of the step, written in place)
         torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32), out=row_norms)
         torch.linalg.vector_norm(row_norms, 2.0, out=row_total)
         return row_norms, row_total
@@ -588,11 +593,11 @@ class GradientProbe:
     def _decide(self, plan: _Plan, step: int, optimizer: Any, replay: Callable[[], Any] | None, total: torch.Tensor,
                 units: GradStats, device: torch.device) -> bool:
         """The actions (skip, stop, raise) decide on this very step; ``False``: the step is skipped."""
-        checks = []
-        if self.on_nonfinite != "warn":
-            checks.append(("nonfinite", self.on_nonfinite))
-        if self.on_exploding != "warn" and "exploding" in plan.detectors:
-            checks.append(("exploding", self.on_exploding))
+        checks = plan.actions
+        if checks is None:
+            checks = plan.actions = [(kind, action) for kind, action in (("nonfinite", self.on_nonfinite),
+                                                                          ("exploding", self.on_exploding))
+                                     if action != "warn" and kind in plan.detectors]
         if not checks:
             return True
         # an action decides on this very step: the one host read per step that an action costs
@@ -614,6 +619,8 @@ class GradientProbe:
 
     def _agree(self, flag: bool, device: torch.device) -> bool:
         """Did any process decide so (every process then acts the same)?"""
+        if self.world_size == 1:
+            return flag
         if self.reduce_any is not None:
             return bool(self.reduce_any(flag))
         return _dist_any(flag, device) if _dist_world_size() > 1 else flag
@@ -817,6 +824,11 @@ class GradientProbe:
         self.alerts.extend(found)
         self._new_alerts.extend(found)
         self._since_flush.extend(found)
+
+    @property
+    def has_new_alerts(self) -> bool:
+        """Alerts wait for :meth:`take_new_alerts`."""
+        return bool(self._new_alerts)
 
     def take_new_alerts(self) -> list[Alert]:
         """The alerts added since the last call (all of them are also in :attr:`alerts`)."""

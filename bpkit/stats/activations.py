@@ -9,6 +9,7 @@ into ONE flat float64 tensor (ready for a cross-rank sum and a single host copy)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,8 +18,16 @@ import torch
 from torch import nn
 
 from bpkit.errors import BpkitConfigError, check_float, check_int
+from bpkit.stats.sampling import strided_sample
 
 _HEAD = 8  # calls, count, units, sum, sum of squares, zeros, dead units, saturated elements
+_STAGE_MAX = 1 << 16
+"""CPU tensors of at most this many elements are copied and reduced together with the others of their shape (on
+a CPU the cost of a small tensor's dozen kernels is the per-kernel dispatch, not the data)."""
+_STAGE_BUDGET = 1 << 20  # staged elements before they are reduced early (about 13 bytes each of work buffers)
+_DOT_MAX = 1 << 18
+"""Up to this many elements the CPU sum of squared deviations is one BLAS dot product (one pass, no temporary);
+above it the float32 dot's rounding grows (relative 1e-5 at 1M elements), and a cascade sum is used instead."""
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -97,10 +106,18 @@ class ModuleStats:
 class ActivationStats:
     """Accumulate per-module statistics of many tensors on their device, without host reads.
 
-    Each :meth:`update` launches only the reductions of the big tensor (sum, sum of squares, a per-unit
-    ``count_nonzero``, the saturation count and ``histc``) and keeps their small results; the arithmetic
-    that combines them is done once for all modules and calls in :meth:`packed`, with a fixed number of
-    kernels.
+    Each :meth:`update` launches only the reductions of the big tensor (mean, sum of squared deviations, a
+    per-unit non-zero count, the saturation count and the histogram) and keeps their small results; the
+    arithmetic that combines them is done once for all modules and calls in :meth:`packed`, with a fixed number
+    of kernels. On CPU these are the fewest, cheapest passes that give the same numbers as the plain
+    reductions (a dot product for the squared deviations, ``bool().sum(dtype=int32)`` for the non-zero counts,
+    an ``int32`` index for ``bincount``).
+
+    With ``histogram_samples=n`` the histogram of a tensor of more than ``n`` elements is taken over a strided
+    sample of about ``n`` of them (:func:`bpkit.stats.sampling.strided_sample`, the offset moving by one at
+    each call of the module) and its counts are scaled by ``numel / sample size``: estimates, which add up to
+    the tensor's size (non-finite and, for ``log_magnitude``, zero elements of the sample left out). Mean, std,
+    zeros, dead units and saturation stay exact. A tensor of at most ``n`` elements is counted exactly.
 
     Args:
         names: the module names, one row each, in a fixed order (the same on every rank).
@@ -111,9 +128,12 @@ class ActivationStats:
         saturation_threshold: tanh is saturated where ``|y| > t``, sigmoid where ``y > t`` or ``y < 1 - t``.
         log_magnitude: histogram ``log10|y|`` of the non-zero elements instead of ``y`` (for gradients).
         log_range: ``(low, high)`` in decades of the log-magnitude histogram.
+        histogram_samples: histogram at most about this many elements of each tensor (a strided sample, counts
+            scaled to the tensor: estimates); ``None`` counts every element.
 
     Raises:
-        BpkitConfigError: bins < 0, a range with ``low >= high`` or a threshold outside (0.5, 1).
+        BpkitConfigError: bins < 0, a range with ``low >= high``, a threshold outside (0.5, 1) or
+            ``histogram_samples`` < 1.
 
     Example::
 
@@ -123,12 +143,20 @@ class ActivationStats:
         >>> st = s.summarize(s.packed().numpy())["act"]
         >>> st.mean, st.zero_frac, st.dead_frac, st.hist[0].tolist()
         (0.75, 0.5, 0.5, [2.0, 0.0, 1.0, 1.0])
+        >>> big = ActivationStats(["act"], bins=4, hist_range=(0.0, 1.0), histogram_samples=1000)
+        >>> big.update("act", torch.rand(100, 100))
+        >>> counts = big.summarize(big.packed().numpy())["act"].hist[0]
+        >>> float(counts.sum()), bool(abs(counts / 2500 - 1).max() < 0.1)
+        (10000.0, True)
     """
 
     def __init__(self, names: Sequence[str], saturation: Mapping[str, str | None] | None = None, bins: int = 64,
                  hist_range: tuple[float, float] = (-4.0, 4.0), saturation_threshold: float = 0.99,
-                 log_magnitude: bool = False, log_range: tuple[float, float] = (-12.0, 2.0)) -> None:
+                 log_magnitude: bool = False, log_range: tuple[float, float] = (-12.0, 2.0),
+                 histogram_samples: int | None = None) -> None:
         self.bins = check_int("bins", bins, minimum=0)
+        self.histogram_samples = None if histogram_samples is None else check_int("histogram_samples",
+                                                                                   histogram_samples, minimum=1)
         self.hist_range = _check_range("hist_range", hist_range)
         self.log_range = _check_range("log_range", log_range)
         self.saturation_threshold = check_float("saturation_threshold", saturation_threshold, 0.5, 1.0,
@@ -141,18 +169,28 @@ class ActivationStats:
             if kind not in (None, "tanh", "sigmoid"):
                 raise BpkitConfigError(f"saturation[{name}]", kind, "one of tanh, sigmoid or None")
         self._layout: list[tuple[int, int]] = []  # (row, units) of each call in the last packed(), kept by reset()
+        self._phase = [0] * len(self.names)  # per module: sampled histograms so far (the sample's offset)
+        self._edges: dict[str, np.ndarray] = {}
+        self._scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}  # per staged shape: work buffers
+        self._scratch_seen: set[tuple] = set()
         self.reset()
 
     def reset(self) -> None:
         """Forget everything accumulated (start a new log interval)."""
-        self._rows: list[int] = []  # per call: module row
-        self._numel: list[int] = []
-        self._units: list[int] = []
-        self._mean: list[torch.Tensor] = []  # per call: 0-dim tensors on the device
-        self._var: list[torch.Tensor] = []
+        # per call, in the order the results below are kept: (call number, row, numel, units, scale of the first
+        # moment, scale of the squared deviations, histogram scale); the calls reduced one by one come first
+        self._meta: list[tuple[int, int, int, int, float, float, float]] = []
+        self._first: list[torch.Tensor] = []  # per call: 0-dim sum (CPU) or mean (accelerators)
+        self._m2: list[torch.Tensor] = []  # per call: 0-dim sum of squared deviations (CPU) or variance
         self._nonzero: list[torch.Tensor] = []  # per call: (units,) non-zero count of each unit
-        self._saturated: list[tuple[int, torch.Tensor]] = []  # (call index, 0-dim count)
-        self._hist: list[torch.Tensor] = []  # per call: (bins,)
+        self._saturated: list[tuple[int, torch.Tensor]] = []  # (call index in _meta, 0-dim count)
+        self._hist: list[torch.Tensor] = []  # per call: (bins,), on CPU (bins + 1,) (the last one: NaN)
+        # small CPU tensors wait here (copies), grouped by shape and module kind, and are reduced together
+        self._staged: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+        self._staged_numel = 0
+        self._group_meta: list[tuple[int, int, int, int, float, float, float]] = []
+        self._group: list[tuple[torch.Tensor, ...]] = []  # per group: (first, m2, nonzero, saturated, hist)
+        self._calls = 0
 
     def range_of(self, name: str) -> tuple[float, float]:
         """The fixed histogram range of one module."""
@@ -162,8 +200,12 @@ class ActivationStats:
         return {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0)}.get(kind, self.hist_range)  # type: ignore[arg-type]
 
     def edges(self, name: str) -> np.ndarray:
-        low, high = self.range_of(name)
-        return np.linspace(low, high, self.bins + 1)
+        """The ``bins + 1`` histogram edges of one module (a fresh array)."""
+        edges = self._edges.get(name)
+        if edges is None:
+            low, high = self.range_of(name)
+            edges = self._edges[name] = np.linspace(low, high, self.bins + 1)
+        return edges.copy()
 
     def update(self, name: str, tensor: torch.Tensor, dim: int | None = None) -> None:
         """Add one tensor (a module output or its gradient). A few kernels, no host read.
@@ -176,31 +218,118 @@ class ActivationStats:
         """
         row = self.index[name]
         y = tensor.detach()
-        if y.numel() == 0:
+        numel = y.numel()
+        if numel == 0:
             return
         yf = y.float()  # no copy for float32; half/bfloat16 outputs are reduced in float32
         if y.dim() == 0:
             yf = yf.reshape(1)
         dim = yf.dim() - 1 if dim is None else dim % yf.dim()
         others = tuple(d for d in range(yf.dim()) if d != dim)
-        self._rows.append(row)
-        self._numel.append(yf.numel())
-        self._units.append(yf.shape[dim])
-        var, mean = _var_mean(yf)
-        self._mean.append(mean)
-        self._var.append(var)
-        self._nonzero.append(torch.count_nonzero(yf, dim=others) if others else (yf != 0).long())
+        units = yf.shape[dim]
+        seq, self._calls = self._calls, self._calls + 1
+        exact_hist = self.histogram_samples is None or numel <= self.histogram_samples
+        if yf.device.type == "cpu" and numel <= _STAGE_MAX and exact_hist:
+            # small: a copy now, the reductions of all the tensors of one shape together in packed()
+            key = (tuple(yf.shape), dim, self.saturation[name], self.range_of(name) if self.bins else None)
+            copy = yf.clone() if y.dtype == torch.float32 else yf  # float() made a copy already
+            self._staged.setdefault(key, []).append((seq, row, copy))
+            self._staged_numel += numel
+            if self._staged_numel > _STAGE_BUDGET:
+                self._scratch_seen.update(self._staged)
+                self._reduce_staged()
+            return
+        call = len(self._meta)
+        if yf.device.type == "cpu":
+            # two-pass: the sum, then the squared deviations from the mean in one more pass (exact-ish like
+            # var_mean, which is about 10x slower on CPU)
+            total = yf.sum()
+            dev = torch.sub(yf, total, alpha=1.0 / numel)
+            if numel <= _DOT_MAX and dev.is_contiguous():
+                flat = dev.view(-1)
+                self._m2.append(torch.dot(flat, flat))
+            else:
+                self._m2.append(dev.pow_(2).sum())
+            self._first.append(total)
+            scales = (1.0, 1.0)
+            # bool() is the non-zero test of count_nonzero (NaN counts), about 3x faster than count_nonzero
+            nonzero = yf.bool()
+            self._nonzero.append(nonzero.sum(others, dtype=torch.int32) if others else nonzero.int())
+        else:
+            var, mean = torch.var_mean(yf, correction=0)
+            self._first.append(mean)
+            self._m2.append(var)
+            scales = (float(numel), float(numel))
+            self._nonzero.append(torch.count_nonzero(yf, dim=others) if others else (yf != 0).long())
         kind = self.saturation[name]
         t = self.saturation_threshold
         if kind == "tanh":
-            self._saturated.append((len(self._rows) - 1, torch.count_nonzero(yf.abs() > t)))
+            self._saturated.append((call, torch.count_nonzero(yf.abs() > t)))
         elif kind == "sigmoid":
-            self._saturated.append((len(self._rows) - 1, torch.count_nonzero((yf - 0.5).abs() > t - 0.5)))
+            self._saturated.append((call, torch.count_nonzero((yf - 0.5).abs() > t - 0.5)))
+        hist_scale = 1.0
         if self.bins:
             low, high = self.range_of(name)
-            # log-magnitude: exact zeros land in bin 0 as -inf; packed() takes them out again
-            values = yf.abs().log10() if self.log_magnitude else yf
+            sample = yf
+            if not exact_hist:
+                sample = strided_sample(yf, self.histogram_samples, self._phase[row])  # type: ignore[arg-type]
+                self._phase[row] += 1
+                hist_scale = numel / sample.numel()
+            if self.log_magnitude:
+                # exact zeros land in bin 0 as -inf and packed() takes them out again; in a sample they are
+                # left out here (NaN falls in no bin), as packed() knows only the whole tensor's zeros
+                values = sample.abs().log10()
+                if hist_scale != 1.0:
+                    values.masked_fill_(sample == 0, float("nan"))
+            else:
+                values = sample
             self._hist.append(_histogram(values, self.bins, low, high))
+        self._meta.append((seq, row, numel, units, *scales, hist_scale))
+
+    def _reduce_staged(self) -> None:
+        """Reduce the staged tensors: each group of one shape and kind with one set of kernels for all of them, in
+        work buffers kept from one log step to the next (fresh large buffers cost page faults on every step)."""
+        used = {}
+        for key, staged in self._staged.items():
+            shape, dim, kind, hist_range = key
+            k, numel = len(staged), math.prod(shape)
+            work = self._scratch.get(key)
+            if work is None or work[0].shape[0] != k:
+                work = (torch.empty((k, *shape)), torch.empty(k, numel), torch.empty((k, *shape), dtype=torch.bool),
+                        torch.empty((k, *shape), dtype=torch.int32))
+            used[key] = work
+            y, tmp, nonzero_mask, ints = work
+            torch.stack([t for _, _, t in staged], out=y)
+            flat = y.view(k, numel)
+            total = flat.sum(1)
+            dev = torch.sub(flat, total[:, None], alpha=1.0 / numel, out=tmp).view(k, 1, numel)
+            m2 = torch.bmm(dev, dev.transpose(1, 2)).view(k)  # k dot products
+            nonzero_mask.copy_(y)  # x != 0, NaN included: the test of count_nonzero
+            ints.copy_(nonzero_mask)
+            others = tuple(d + 1 for d in range(len(shape)) if d != dim)
+            nonzero = ints.sum(others, dtype=torch.int32).view(-1) if others else ints.view(-1).clone()
+            t = self.saturation_threshold
+            saturated = None
+            if kind == "tanh":
+                saturated = (torch.abs(flat, out=tmp) > t).sum(1)
+            elif kind == "sigmoid":
+                saturated = (torch.sub(flat, 0.5, out=tmp).abs_() > t - 0.5).sum(1)
+            hist = None
+            if hist_range is not None:
+                low, high = hist_range
+                values = torch.abs(flat, out=tmp).log10_() if self.log_magnitude else flat
+                bins = self.bins
+                torch.sub(values, low, out=tmp).mul_(bins / (high - low)).clamp_(0, bins - 1).nan_to_num_(nan=bins)
+                index = ints.view(k, numel)
+                index.copy_(tmp)
+                index += torch.arange(0, k * (bins + 1), bins + 1, dtype=torch.int32)[:, None]
+                hist = torch.bincount(index.view(-1), minlength=k * (bins + 1)).view(k, bins + 1)
+            self._group.append((total, m2, nonzero, saturated, hist))
+            units = shape[dim]
+            self._group_meta.extend((seq, row, numel, units, 1.0, 1.0, 1.0) for seq, row, _ in staged)
+        self._scratch.update(used)
+        self._staged = {}
+        self._staged_numel = 0
 
     def packed(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Everything accumulated, as ONE flat float64 tensor on the device, per module
@@ -208,40 +337,62 @@ class ActivationStats:
         non-zero count of every unit of every call. Every entry is a sum, so a cross-rank sum of this tensor
         gives the statistics of all ranks (:meth:`summarize` recounts the dead units from the summed counts)."""
         m, width = len(self.names), _HEAD + self.bins
-        if not self._rows:
+        keep = set(self._staged) | self._scratch_seen
+        self._reduce_staged()
+        self._scratch = {k: v for k, v in self._scratch.items() if k in keep}  # shapes of this interval only
+        self._scratch_seen = set()
+        meta = self._meta + self._group_meta
+        if not meta:
             self._layout = []
             return torch.zeros(m * width, dtype=torch.float64, device=device)
-        device = self._mean[0].device
+        device = (self._first or [g[0] for g in self._group])[0].device
         f64 = dict(dtype=torch.float64, device=device)
-        calls = len(self._rows)
-        rows = torch.tensor(self._rows, device=device)
-        host = torch.tensor([[1.0, n, u] for n, u in zip(self._numel, self._units)], dtype=torch.float64)
-        host = host.to(device, non_blocking=True)
+        calls, direct = len(meta), len(self._meta)
+        rows = torch.tensor([c[1] for c in meta], device=device)
+        host = torch.tensor([[1.0, n, u, f, s, h, float(h == 1.0)] for _, _, n, u, f, s, h in meta],
+                            dtype=torch.float64).to(device, non_blocking=True)
         numel = host[:, 1]
-        mean = torch.stack(self._mean).double()
-        var = torch.stack(self._var).double()
-        # sums of y and y^2 in float64 from each call's (two-pass, exact-ish) mean and variance
-        sums = torch.stack([mean * numel, (var + mean * mean) * numel], dim=1)
-        nonzero = torch.cat(self._nonzero)
-        unit_rows = torch.repeat_interleave(torch.arange(calls, device=device),
-                                            torch.tensor(self._units, device=device))
+
+        def joined(i: int, single: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(([torch.stack(single)] if single else []) + [g[i] for g in self._group])
+
+        first = joined(0, self._first).double() * host[:, 3]  # sums
+        m2 = joined(1, self._m2).double() * host[:, 4]  # sums of squared deviations from the mean
+        # sums of y and y^2 in float64 from each call's (two-pass, exact-ish) sum and squared deviations
+        sums = torch.stack([first, m2 + first * first / numel], dim=1)
+        nonzero = torch.cat(self._nonzero + [g[2] for g in self._group])
+        units = [c[3] for c in meta]
+        unit_rows = torch.repeat_interleave(torch.arange(calls, device=device), torch.tensor(units, device=device))
         per_call = torch.zeros(calls, 2, **f64)  # non-zero elements, dead units
         per_call.index_add_(0, unit_rows, torch.stack([nonzero.double(), (nonzero == 0).double()], dim=1))
         saturated = torch.zeros(calls, **f64)
         if self._saturated:
             idx = torch.tensor([i for i, _ in self._saturated], device=device)
             saturated.index_add_(0, idx, torch.stack([c for _, c in self._saturated]).double())
+        start = direct
+        for g in self._group:
+            if g[3] is not None:
+                saturated[start:start + len(g[0])] = g[3].double()
+            start += len(g[0])
         zeros = (numel - per_call[:, 0])[:, None]
-        columns = [host, sums, zeros, per_call[:, 1:], saturated[:, None]]
+        columns = [host[:, :3], sums, zeros, per_call[:, 1:], saturated[:, None]]
         if self.bins:
-            hist = torch.stack(self._hist).double()
+            hist = joined(4, self._hist)[:, :self.bins].double()
+            if any(c[6] != 1.0 for c in meta):
+                hist *= host[:, 5:6]  # sampled: counts scaled to the whole tensor
             if self.log_magnitude:
-                hist[:, :1] -= zeros
+                hist[:, :1] -= zeros * host[:, 6:7]  # the zeros counted in bin 0 (exact histograms only)
             columns.append(hist)
         table = torch.zeros(m, width, **f64).index_add_(0, rows, torch.cat(columns, dim=1))
-        # the per-unit non-zero counts go along: after a cross-rank sum a unit is dead only where it was
-        # zero on every rank's part of the batch (summing each rank's dead units would overcount)
-        self._layout = list(zip(self._rows, self._units))
+        # the per-unit non-zero counts go along, in call order (the same on every rank): after a cross-rank sum
+        # a unit is dead only where it was zero on every rank's part of the batch (summing each rank's dead
+        # units would overcount)
+        order = sorted(range(calls), key=lambda i: meta[i][0])
+        if order != list(range(calls)):
+            offsets = np.concatenate([[0], np.cumsum(units)])
+            nonzero = nonzero[torch.from_numpy(np.concatenate(
+                [np.arange(offsets[i], offsets[i + 1]) for i in order])).to(device)]
+        self._layout = [(meta[i][1], units[i]) for i in order]
         return torch.cat([table.reshape(-1), nonzero.double()])
 
     def summarize(self, packed: np.ndarray, one_batch_over_ranks: bool = False) -> dict[str, ModuleStats]:
@@ -283,23 +434,20 @@ class ActivationStats:
         return out
 
 
-def _var_mean(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Population variance and mean. ``torch.var_mean`` on accelerators; on CPU an explicit two-pass
-    (mean, then mean of squared deviations), about 10x faster there than CPU var_mean and as exact."""
-    if y.device.type != "cpu":
-        return torch.var_mean(y, correction=0)
-    mean = y.mean()
-    return (y - mean).pow_(2).mean(), mean
-
-
-def _histogram(values: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+def _histogram(values: torch.Tensor, bins: int, low: float, high: float, groups: int = 0) -> torch.Tensor:
     """Counts of ``values`` in ``bins`` equal bins over [low, high]; values outside fall in the edge bins,
-    NaN in none. ``histc`` on accelerators; on CPU an index + ``bincount`` (about 3x faster than CPU histc,
-    and bincount's size check is free there, unlike on CUDA where it would sync)."""
+    NaN in none. ``histc`` on accelerators; on CPU an ``int32`` index + ``bincount`` (about 3x faster than CPU
+    histc, and bincount's size check is free there, unlike on CUDA where it would sync), whose ``bins + 1``-th
+    count is the NaN: the caller drops it. The bin of ``v`` is ``floor((v - low) * (bins / (high - low)))`` in
+    float32, clamped to ``[0, bins - 1]``. ``groups=k`` (CPU): ``values`` is ``(k, n)``, ``(k, bins + 1)`` counts
+    of its rows (one bincount)."""
     if values.device.type != "cpu":
         return torch.histc(values.clamp(low, high), bins, low, high)
-    idx = (values.reshape(-1) - low).mul_(bins / (high - low)).clamp_(0, bins - 1).nan_to_num_(nan=bins)
-    return torch.bincount(idx.long(), minlength=bins + 1)[:bins]
+    idx = (values - low).mul_(bins / (high - low)).clamp_(0, bins - 1).nan_to_num_(nan=bins).int()
+    if groups:
+        idx += torch.arange(0, groups * (bins + 1), bins + 1, dtype=torch.int32)[:, None]
+        return torch.bincount(idx.view(-1), minlength=groups * (bins + 1)).view(groups, bins + 1)
+    return torch.bincount(idx.view(-1), minlength=bins + 1)
 
 
 def _check_range(key: str, value: Sequence[float]) -> tuple[float, float]:
