@@ -130,6 +130,7 @@ class _Plan:
         self.fast: bool | None = None  # GradientProbe._fast_norms applies (None: not known yet)
         self.checks_rules = True  # the vanishing or steady rule runs on check steps
         self.actions: list[tuple[str, str]] | None = None  # (rule, action) pairs that decide on the step itself
+        self.world = 1  # processes that take the step's decisions together
 
     def units_of(self, stats: GradStats) -> GradStats:
         return stats.grouped(self.unit_of, len(self.units)) if self.grouped else stats
@@ -414,7 +415,7 @@ class GradientProbe:
     def _plan(self, optimizer: Any) -> _Plan | None:
         key = id(optimizer)
         plan = self._plan_by_opt.get(key)
-        size = sum(len(group["params"]) for group in optimizer.param_groups) if optimizer is not None else -1
+        size = sum([len(group["params"]) for group in optimizer.param_groups]) if optimizer is not None else -1
         if plan is not None and plan.optimizer_size == size:
             return plan
         if not self._checked:
@@ -437,6 +438,8 @@ class GradientProbe:
         plan = _Plan([p for _, p in selected], [n for n, _ in selected], self.group_by, selected[0][1].device,
                      covers_all, self._rows_capacity - 2, self.check_every_n_steps)
         plan.optimizer_size = size
+        # processes that decide together: known when the plan is made (torch.distributed starts before training)
+        plan.world = self._world()
         plan.checks_rules = self._vanishing is not None or self._steady is not None
         if self._vanishing is not None:
             plan.detectors["vanishing"] = VanishingDetector(**self._vanishing)
@@ -494,14 +497,17 @@ class GradientProbe:
         return ok
 
     def _fast_norms(self, plan: _Plan, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The common step that neither logs nor checks, every watched tensor with a plain dense gradient, on one
-        device, per tensor: the norms straight into the step's row (the same three kernels as :func:`grad_stats`,
+        """The common step that does not log (a check step after the first log step too), every watched tensor with a
+        plain dense gradient, on one device, per tensor: the norms straight into the step's row (the same three kernels as :func:`grad_stats`,
         no per-tensor Python beyond reading ``.grad``). ``None``: take the general path."""
         every, hist_every = self.log_every_n_steps, self.histogram_every_n_steps
-        # a log step, a histogram step (one of its own cadence; the default cadence's are log steps) or a check step
+        # a log step, or a histogram step of its own cadence (the default cadence's are log steps)
         if plan.fast is False or (every and ((step + 1) % every == 0 or (
-                hist_every and self.histograms and (step + 1) % hist_every == 0))) or (
-                plan.checks_rules and step % self.check_every_n_steps == 0):
+                hist_every and self.histograms and (step + 1) % hist_every == 0))):
+            return None
+        # a check step compares with the weight norms of the last logging step: before the first, the general path
+        check = plan.checks_rules and step % self.check_every_n_steps == 0
+        if check and plan.weight_norms is None:
             return None
         grads = [p.grad for p in plan.params]
         if not all(map(_is_not_none, grads)):
@@ -517,6 +523,10 @@ class GradientProbe:
         row_norms, row_total = plan.rows.push(step, device)  # (the statistics of the step, written in place)
         torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32), out=row_norms)
         torch.linalg.vector_norm(row_norms, 2.0, out=row_total)
+        if check:
+            check_norms, check_weights = plan.checks.push(step, device, plan.vanishing_eligible)
+            check_norms.copy_(row_norms)
+            check_weights.copy_(plan.weight_norms)
         return row_norms, row_total
 
     def _step(self, plan: _Plan, step: int, optimizer: Any, replay: Callable[[], Any] | None) -> bool:
@@ -607,6 +617,8 @@ class GradientProbe:
             total_host = total.item()
             if self.last_norms is not None:
                 self.last_norms.total_host = total_host  # lets norm clipping skip a multiply by 1
+            if math.isfinite(total_host) and plan.world == 1:
+                return True
             flags = {"nonfinite": not math.isfinite(total_host)}
         for kind, action in checks:
             if self._agree(bool(flags.get(kind, False)), device):
@@ -619,8 +631,6 @@ class GradientProbe:
 
     def _agree(self, flag: bool, device: torch.device) -> bool:
         """Did any process decide so (every process then acts the same)?"""
-        if self.world_size == 1:
-            return flag
         if self.reduce_any is not None:
             return bool(self.reduce_any(flag))
         return _dist_any(flag, device) if _dist_world_size() > 1 else flag
@@ -721,8 +731,8 @@ class GradientProbe:
         if rows.must_drain(total.device):
             self._drain()  # only when a log interval outgrows the buffer
         row_loss, row_total = rows.push(int(step), total.device)
-        if has_loss:
-            row_loss.copy_(loss.detach().reshape(()).to(row_loss.device))
+        if has_loss:  # copy_ moves it across devices by itself; a reshape or a .to() costs more than the copy
+            row_loss.copy_(loss.detach() if loss.dim() == 0 else loss.detach().reshape(()))
         else:
             row_loss.fill_(float("nan"))
         row_total.copy_(total)

@@ -18,16 +18,13 @@ import torch
 from torch import nn
 
 from bpkit.errors import BpkitConfigError, check_float, check_int
-from bpkit.stats.sampling import strided_sample
+from bpkit.stats.sampling import sample_layout, strided_sample
 
 _HEAD = 8  # calls, count, units, sum, sum of squares, zeros, dead units, saturated elements
 _STAGE_MAX = 1 << 16
 """CPU tensors of at most this many elements are copied and reduced together with the others of their shape (on
 a CPU the cost of a small tensor's dozen kernels is the per-kernel dispatch, not the data)."""
 _STAGE_BUDGET = 1 << 20  # staged elements before they are reduced early (about 13 bytes each of work buffers)
-_DOT_MAX = 1 << 18
-"""Up to this many elements the CPU sum of squared deviations is one BLAS dot product (one pass, no temporary);
-above it the float32 dot's rounding grows (relative 1e-5 at 1M elements), and a cascade sum is used instead."""
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -109,9 +106,10 @@ class ActivationStats:
     Each :meth:`update` launches only the reductions of the big tensor (mean, sum of squared deviations, a
     per-unit non-zero count, the saturation count and the histogram) and keeps their small results; the
     arithmetic that combines them is done once for all modules and calls in :meth:`packed`, with a fixed number
-    of kernels. On CPU these are the fewest, cheapest passes that give the same numbers as the plain
-    reductions (a dot product for the squared deviations, ``bool().sum(dtype=int32)`` for the non-zero counts,
-    an ``int32`` index for ``bincount``).
+    of kernels. On CPU a small tensor (up to 65536 elements), whose dozen kernels cost their dispatch more than
+    their data, is copied instead, and :meth:`packed` reduces all the copies of one shape and kind with one set of
+    kernels; larger ones are reduced at once. Both give the numbers of the plain reductions (a float32 sum and a
+    float32 sum of squared deviations from the mean, the non-zero test of ``count_nonzero``, a float32 bin index).
 
     With ``histogram_samples=n`` the histogram of a tensor of more than ``n`` elements is taken over a strided
     sample of about ``n`` of them (:func:`bpkit.stats.sampling.strided_sample`, the offset moving by one at
@@ -229,7 +227,7 @@ class ActivationStats:
         units = yf.shape[dim]
         seq, self._calls = self._calls, self._calls + 1
         exact_hist = self.histogram_samples is None or numel <= self.histogram_samples
-        if yf.device.type == "cpu" and numel <= _STAGE_MAX and exact_hist:
+        if yf.device.type == "cpu" and numel <= _STAGE_MAX:
             # small: a copy now, the reductions of all the tensors of one shape together in packed()
             key = (tuple(yf.shape), dim, self.saturation[name], self.range_of(name) if self.bins else None)
             copy = yf.clone() if y.dtype == torch.float32 else yf  # float() made a copy already
@@ -244,12 +242,7 @@ class ActivationStats:
             # two-pass: the sum, then the squared deviations from the mean in one more pass (exact-ish like
             # var_mean, which is about 10x slower on CPU)
             total = yf.sum()
-            dev = torch.sub(yf, total, alpha=1.0 / numel)
-            if numel <= _DOT_MAX and dev.is_contiguous():
-                flat = dev.view(-1)
-                self._m2.append(torch.dot(flat, flat))
-            else:
-                self._m2.append(dev.pow_(2).sum())
+            self._m2.append(torch.sub(yf, total, alpha=1.0 / numel).pow_(2).sum())
             self._first.append(total)
             scales = (1.0, 1.0)
             # bool() is the non-zero test of count_nonzero (NaN counts), about 3x faster than count_nonzero
@@ -302,8 +295,7 @@ class ActivationStats:
             torch.stack([t for _, _, t in staged], out=y)
             flat = y.view(k, numel)
             total = flat.sum(1)
-            dev = torch.sub(flat, total[:, None], alpha=1.0 / numel, out=tmp).view(k, 1, numel)
-            m2 = torch.bmm(dev, dev.transpose(1, 2)).view(k)  # k dot products
+            m2 = torch.sub(flat, total[:, None], alpha=1.0 / numel, out=tmp).pow_(2).sum(1)
             nonzero_mask.copy_(y)  # x != 0, NaN included: the test of count_nonzero
             ints.copy_(nonzero_mask)
             others = tuple(d + 1 for d in range(len(shape)) if d != dim)
@@ -314,19 +306,34 @@ class ActivationStats:
                 saturated = (torch.abs(flat, out=tmp) > t).sum(1)
             elif kind == "sigmoid":
                 saturated = (torch.sub(flat, 0.5, out=tmp).abs_() > t - 0.5).sum(1)
-            hist = None
+            hist, hist_scale = None, 1.0
             if hist_range is not None:
                 low, high = hist_range
-                values = torch.abs(flat, out=tmp).log10_() if self.log_magnitude else flat
                 bins = self.bins
-                torch.sub(values, low, out=tmp).mul_(bins / (high - low)).clamp_(0, bins - 1).nan_to_num_(nan=bins)
-                index = ints.view(k, numel)
-                index.copy_(tmp)
+                sample, out = flat, tmp
+                if self.histogram_samples is not None and numel > self.histogram_samples:
+                    # the same strided sample of every tensor of the group (the offset of the group's first module)
+                    run, stride = sample_layout(shape, self.histogram_samples)
+                    phase = self._phase[staged[0][1]] % stride
+                    for _, row, _ in staged:
+                        self._phase[row] += 1
+                    runs = (numel // run - phase + stride - 1) // stride
+                    sample = flat.as_strided((k, runs, run), (numel, stride * run, 1), phase * run)
+                    hist_scale = numel / (runs * run)
+                    out = torch.empty(sample.shape)
+                values = sample
+                if self.log_magnitude:
+                    values = torch.abs(sample, out=out).log10_()
+                    if hist_scale != 1.0:
+                        values.masked_fill_(sample == 0, float("nan"))  # zeros out of a sample (see update)
+                torch.sub(values, low, out=out).mul_(bins / (high - low)).clamp_(0, bins - 1).nan_to_num_(nan=bins)
+                index = ints.view(-1)[:out.numel()].view(k, -1)
+                index.copy_(out.view(k, -1))
                 index += torch.arange(0, k * (bins + 1), bins + 1, dtype=torch.int32)[:, None]
                 hist = torch.bincount(index.view(-1), minlength=k * (bins + 1)).view(k, bins + 1)
             self._group.append((total, m2, nonzero, saturated, hist))
             units = shape[dim]
-            self._group_meta.extend((seq, row, numel, units, 1.0, 1.0, 1.0) for seq, row, _ in staged)
+            self._group_meta.extend((seq, row, numel, units, 1.0, 1.0, hist_scale) for seq, row, _ in staged)
         self._scratch.update(used)
         self._staged = {}
         self._staged_numel = 0
