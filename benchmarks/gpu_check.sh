@@ -20,7 +20,9 @@ timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py te
   2>&1 | tee "$OUT/gpu_tests.log" | tail -n 20
 tests_rc=${PIPESTATUS[0]}
 
-timeout 240 python3 benchmarks/overhead.py --device cuda --sizes gpu 2>&1 | tee "$OUT/overhead.log" | tail -n 40
+timeout 300 python3 benchmarks/overhead.py --device cuda --sizes gpu \
+  --configs bare,lightning_grad_norm,wandb_watch_all,wandb_watch_all_f1,gradient_monitor,gradient_monitor_all_every_step,gradient_monitor_all_every_step_sampled,bpkit_default \
+  2>&1 | tee "$OUT/overhead.log" | tail -n 40
 
 echo "== bpkit GPU check =="
 echo "device:    $(head -n 1 "$OUT/device.txt")"
