@@ -213,8 +213,8 @@ class GradientProbe:
 
     The options ``per_layer``, ``histograms``, ``update_ratio``, ``histogram_every_n_steps``, ``include``,
     ``exclude``, ``group_by``, ``on_nonfinite``, ``on_exploding``, ``vanishing``, ``exploding``, ``spike``,
-    ``check_every_n_steps``, ``histogram_range``, ``bins_per_decade``, ``steady`` and ``histogram_samples`` are those of
-    :class:`bpkit.callbacks.GradientMonitor`.
+    ``check_every_n_steps``, ``histogram_range``, ``bins_per_decade``, ``steady`` and ``histogram_samples`` are
+    those of :class:`bpkit.callbacks.GradientMonitor`.
 
     Args:
         model: an ``nn.Module`` (Fabric's, DDP's and ``torch.compile``'s wrappers are looked through, so names are
@@ -498,8 +498,8 @@ class GradientProbe:
 
     def _fast_norms(self, plan: _Plan, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The common step that does not log (a check step after the first log step too), every watched tensor with a
-        plain dense gradient, on one device, per tensor: the norms straight into the step's row (the same three kernels as :func:`grad_stats`,
-        no per-tensor Python beyond reading ``.grad``). ``None``: take the general path."""
+        plain dense gradient, on one device, per tensor: the norms straight into the step's row (the same three
+        kernels as :func:`grad_stats`, no per-tensor Python beyond reading ``.grad``). ``None``: the general path."""
         every, hist_every = self.log_every_n_steps, self.histogram_every_n_steps
         # a log step, or a histogram step of its own cadence (the default cadence's are log steps)
         if plan.fast is False or (every and ((step + 1) % every == 0 or (

@@ -50,10 +50,11 @@ def foreach_max_abs(tensors: Sequence[torch.Tensor], scratch: torch.Tensor | Non
     """``max |x|`` of every tensor as one 1-D float32 tensor; NaN when a tensor holds a NaN.
 
     ``_foreach_max(_foreach_abs(...))``: two launches. (``_foreach_norm(tensors, inf)`` gives the same
-    numbers but is about 10x slower than an L2 norm on CPU.) On a CPU, above 64k elements in all, one ``aminmax``
-    per tensor instead: one read of each tensor (half the time of the copy, ``abs`` and ``max``). ``scratch``: a flat float32 buffer of the
-    tensors' total size to take the absolute values in (three launches, no allocation: on a CPU a
-    fresh model-sized buffer costs its page faults, twice the work itself); ignored when it does not fit.
+    numbers but is about 10x slower than an L2 norm on CPU.) On a CPU, above 64k elements in all, one
+    ``aminmax`` per tensor instead: one read of each tensor (half the time of the copy, ``abs`` and ``max``).
+    ``scratch``: a flat float32 buffer of the tensors' total size to take the absolute values in (three
+    launches, no allocation: on a CPU a fresh model-sized buffer costs its page faults, twice the work
+    itself); ignored when it does not fit.
 
     Example::
 
