@@ -155,7 +155,7 @@ def test_sampled_histograms_group_rows_and_validate():
         log_histograms(ts, samples=0)
 
 
-def test_cpu_one_read_max_and_update_norms_against_float64():
+def test_cpu_one_read_max_and_update_norms_of_big_tensors_against_float64():
     from bpkit.stats.norms import foreach_max_abs
     from bpkit.stats.updates import snapshot, update_norms
 
@@ -171,6 +171,6 @@ def test_cpu_one_read_max_and_update_norms_against_float64():
     snap = snapshot(params)
     for p in params:
         p.add_(torch.randn(p.shape, generator=g) * 1e-3)
-    upd = update_norms(params, snap)  # the torch.dist path
+    upd = update_norms(params, snap)
     ref = [(p.double() - b).norm().item() for p, b in zip(params, before)]
     assert upd.tolist() == pytest.approx(ref, rel=1e-4)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bpkit.stats.norms import _PER_TENSOR_MIN, _stack
+from bpkit.stats.norms import _stack
 from bpkit.stats.sharded import ShardReduce, local
 
 
@@ -42,8 +42,7 @@ def update_norms(params: Sequence[torch.Tensor], before: torch.Tensor) -> torch.
     """``(N,)`` L2 norm of ``p - p_before`` for every parameter, ``before`` from :func:`snapshot`.
 
     The difference is taken in place in ``before`` (one fused subtraction, one fused norm): the
-    snapshot is used up. On a CPU, above 64k elements in all, one ``torch.dist`` per tensor instead (one read of
-    the weights and the snapshot, no write).
+    snapshot is used up.
 
     Example::
 
@@ -55,14 +54,8 @@ def update_norms(params: Sequence[torch.Tensor], before: torch.Tensor) -> torch.
     """
     locals_ = [local(p).detach().reshape(-1) for p in params]
     pieces = list(before.split([t.numel() for t in locals_]))
-    if (before.device.type == "cpu" and before.numel() > _PER_TENSOR_MIN
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in locals_)):
-        # one read of both per tensor and no write (the subtraction in place reads and writes the snapshot, then
-        # the norm reads it again): on a CPU a kernel launch costs microseconds, a pass over the weights milliseconds
-        norms = torch.stack([torch.dist(t, b) for t, b in zip(locals_, pieces)])
-    else:
-        torch._foreach_sub_(pieces, locals_)
-        norms = _stack(torch._foreach_norm(pieces, 2.0), before.device)
+    torch._foreach_sub_(pieces, locals_)
+    norms = _stack(torch._foreach_norm(pieces, 2.0), before.device)
     reduce = ShardReduce.of(params)
     return norms if reduce is None else reduce.norms(norms)
 
