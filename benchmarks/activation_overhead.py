@@ -1,7 +1,8 @@
 """Step-time overhead of ActivationMonitor vs a bare run, on small CPU models from bpkit.models.
 
 For each model (MLP, residual CNN, LSTM) and each setting (bare; monitor at the default cadence of 50
-steps; monitor every step; monitor every step with gradients), a real Lightning Trainer runs
+steps; monitor every step; every step with histograms of a strided sample of 4096 elements per output
+(``histogram_samples=4096``); monitor every step with gradients), a real Lightning Trainer runs
 ``--steps`` optimizer steps; the time per step is the wall time from the first timed step to the last
 (after ``--warmup`` steps) divided by the step count, so log steps are included at their real share.
 Settings are interleaved inside each repeat (a noisy shared machine drifts), and the median over
@@ -75,6 +76,7 @@ SETTINGS = {
     "bare": None,
     "default cadence (50)": dict(log_every_n_steps=50),
     "every step": dict(log_every_n_steps=1),
+    "every step, sampled histograms": dict(log_every_n_steps=1, histogram_samples=4096),
     "every step + gradients": dict(log_every_n_steps=1, gradients=True),
 }
 
@@ -105,6 +107,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: less noise)")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one repeat: checks that it runs")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="model name prefixes (default: all), e.g. --models MLP LSTM")
+    parser.add_argument("--settings", nargs="*", default=None,
+                        help='settings by name (default: all; bare is always run), e.g. --settings "every step"')
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.warmup, args.repeats, args.batch = 6, 2, 1, 16
@@ -121,17 +127,19 @@ def main() -> None:
     print("| model | modules | setting | ms/step (median) | x bare (median of paired ratios) "
           "| x bare from every-step cost / 50 |")
     print("|---|---|---|---|---|---|")
+    models = [m for m in MODELS if args.models is None or any(m.startswith(p) for p in args.models)]
+    settings = ["bare"] + [s for s in SETTINGS if s != "bare" and (args.settings is None or s in args.settings)]
     with tempfile.TemporaryDirectory() as root:
-        for model in MODELS:
-            times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+        for model in models:
+            times: dict[str, list[float]] = {s: [] for s in settings}
             count = 0
             for _ in range(args.repeats):
-                for setting in SETTINGS:
+                for setting in settings:
                     t, n = run(model, setting, args.steps, args.warmup, args.batch, root)
                     times[setting].append(t)
                     count = max(count, n)
             bare = statistics.median(times["bare"])
-            every = statistics.median(times["every step"])
+            every = statistics.median(times["every step"]) if "every step" in times else bare
             for setting, ts in times.items():
                 med = statistics.median(ts)
                 # paired: each repeat's ratio to the bare run of the same repeat, then the median

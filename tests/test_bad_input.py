@@ -80,11 +80,12 @@ ARGS = {
     GradientMonitor: {
         "log_every_n_steps": ints(0, optional=True), "per_layer": flag(), "histograms": flag(),
         "update_ratio": flag(), "include": globs(), "exclude": globs(), "group_by": choice(["parameter", "module"]),
-        "on_nonfinite": choice(["warn", "skip", "stop", "raise"]), "on_exploding": choice(["warn"]),
+        "on_nonfinite": choice(["warn", "skip", "stop", "raise"]),
+        "on_exploding": choice(["warn", "skip", "stop", "raise"]),
         "vanishing": detector(["rel_max", "rel_weight", "patience"]),
         "exploding": detector(["factor", "max_norm", "window", "warmup", "ema"]),
         "spike": detector(["z", "alpha", "warmup", "min_std"]), "check_every_n_steps": ints(1),
-        "histogram_range": pair(), "bins_per_decade": ints(1),
+        "histogram_range": pair(), "bins_per_decade": ints(1), "histogram_samples": ints(1, optional=True),
     },
     ActivationMonitor: {
         "modules": (st.one_of(st.just("auto"), st.just("net.*"), st.lists(st.just("a*"), min_size=1, max_size=2)),
@@ -94,6 +95,7 @@ ARGS = {
         "hist_range": pair(), "dead_threshold": floats(0.0, 1.0, high_open=True),
         "saturation_threshold": floats(0.5, 1.0, low_open=True, high_open=True),
         "saturated_fraction": floats(0.0, 1.0, high_open=True), "patience": ints(1), "gradients": flag(),
+        "histogram_samples": ints(1, optional=True),
     },
     RunRecord: {"log_every_n_steps": ints(0, optional=True), "gradient_flow_image": flag(), "wandb_alerts": flag()},
     GradientCheck: {

@@ -338,8 +338,11 @@ class ActivationProbe:
         if not names:
             return torch.zeros(0, dtype=torch.float64, device=device)
         pairs = [(n, pair) for n in names for pair in self._spread[n]]
-        lows = torch.cat([low.to(device, torch.float64) for _, (low, _) in pairs])
-        highs = torch.cat([high.to(device, torch.float64) for _, (_, high) in pairs])
+        ends = [low for _, (low, _) in pairs] + [high for _, (_, high) in pairs]
+        if any(t.device != device for t in ends):
+            ends = [t.to(device) for t in ends]
+        both = torch.cat(ends).double()  # one cast for all (cat promotes mixed dtypes)
+        lows, highs = both[:both.numel() // 2], both[both.numel() // 2:]
         per_element = torch.stack([highs - lows, torch.maximum(lows.abs(), highs.abs())], dim=1)
         per_element.nan_to_num_(nan=1.0)  # NaN (or inf - inf): varying and non-zero
         row = {n: i for i, n in enumerate(names)}

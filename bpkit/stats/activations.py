@@ -454,7 +454,7 @@ def _histogram(values: torch.Tensor, bins: int, low: float, high: float, groups:
     if groups:
         idx += torch.arange(0, groups * (bins + 1), bins + 1, dtype=torch.int32)[:, None]
         return torch.bincount(idx.view(-1), minlength=groups * (bins + 1)).view(groups, bins + 1)
-    return torch.bincount(idx.view(-1), minlength=bins + 1)
+    return torch.bincount(idx.reshape(-1), minlength=bins + 1)  # a copy only for a non-contiguous input
 
 
 def _check_range(key: str, value: Sequence[float]) -> tuple[float, float]:
