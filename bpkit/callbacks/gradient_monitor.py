@@ -236,7 +236,10 @@ class GradientMonitor(BpkitCallback):
         if self._done.get(id(optimizer)) == token:
             return
         self._done[id(optimizer)] = token
-        self.probe.optimizers = list(trainer.optimizers)
+        optimizers = trainer.optimizers
+        if len(optimizers) != len(self.probe.optimizers) or any(a is not b for a, b in zip(optimizers,
+                                                                                          self.probe.optimizers)):
+            self.probe.optimizers = list(optimizers)
         try:
             if self._replay_fn is None:  # made once per fit: the batch it replays is read when it is called
                 self._replay_fn = self._replay(trainer, pl_module) or False
@@ -274,7 +277,7 @@ class GradientMonitor(BpkitCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, (dict, Mapping)) else outputs  # a dict: no ABC check
         # the loss of a batch belongs to the optimizer step it fed
         self.probe.observe_loss(self.batch_step(trainer), loss if isinstance(loss, torch.Tensor) else None)
         if self.probe.pending:

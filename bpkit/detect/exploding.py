@@ -147,10 +147,9 @@ class ExplodingDetector(Detector):
         last = totals[-window:]
         self.history[(self.seen + n - last.size + np.arange(last.size)) % window] = last
         self.streak = 0
-        ema = self.ema
-        for row in norms:  # the per-tensor averages that name the growing tensors when a rule fires
-            ema = self.beta * ema + (1 - self.beta) * row
-        self.ema = ema
+        # the per-tensor averages that name the growing tensors when a rule fires: n steps of the average at once
+        weights = (1 - self.beta) * self.beta ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        self.ema = self.beta ** n * self.ema + weights @ norms
         self.seen += n
         return False
 

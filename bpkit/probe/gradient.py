@@ -465,7 +465,6 @@ class GradientProbe:
 
     # ---------------------------------------------------------------- the step
 
-    @torch.no_grad()
     def step(self, step: int, loss: torch.Tensor | float | None = None, optimizer: Any = None,
              replay: Callable[[], Any] | None = None) -> bool:
         """The statistics of this optimizer step's gradients, on the device; the rules decide.
@@ -485,16 +484,61 @@ class GradientProbe:
         Returns:
             ``False`` when the step must be skipped (its gradients are already set to ``None``), else ``True``.
         """
-        self.last_norms = None
-        plan = self._plan(optimizer)
-        if plan is None:
-            if loss is not None:
-                self.observe_loss(step, loss)
-            return True
-        ok = self._step(plan, int(step), optimizer, replay)
+        ok = self._quick_step(step, optimizer, replay)
+        if ok is None:
+            with torch.no_grad():
+                self.last_norms = None
+                plan = self._plan(optimizer)
+                ok = True if plan is None else self._step(plan, int(step), optimizer, replay)
         if loss is not None:
             self.observe_loss(step, loss)
         return ok
+
+    def _quick_step(self, step: int, optimizer: Any, replay: Callable[[], Any] | None) -> bool | None:
+        """The common step once its plan is known to be plain (:meth:`_fast_norms`): the norms into the step's row
+        with as little Python as the kernels allow (on a small model the Python is most of the cost).
+        ``None``: take the general path (a log, histogram or early check step, a changed optimizer, a gradient that
+        is missing or of another kind, a full buffer)."""
+        plan = self._plan_by_opt.get(id(optimizer))
+        if plan is None or plan.fast is not True:
+            return None
+        after, every = step + 1, self.log_every_n_steps
+        if every and (after % every == 0 or (self.histograms and self.histogram_every_n_steps
+                                             and after % self.histogram_every_n_steps == 0)):
+            return None
+        check = plan.checks_rules and step % self.check_every_n_steps == 0
+        if check and (plan.weight_norms is None or len(plan.checks.steps) >= plan.checks.capacity):
+            return None
+        if optimizer is not None and sum([len(g["params"]) for g in optimizer.param_groups]) != plan.optimizer_size:
+            return None
+        rows = plan.rows
+        if len(rows.steps) >= rows.capacity:
+            return None
+        row_norms, row_total = rows.next_row()
+        try:  # a missing gradient (TypeError), one on another device or needing autograd (RuntimeError)
+            torch.stack(torch._foreach_norm([p.grad for p in plan.params], 2.0, dtype=torch.float32), out=row_norms)
+        except (TypeError, RuntimeError):
+            return None
+        torch.linalg.vector_norm(row_norms, 2.0, out=row_total)
+        rows.commit(step)
+        if check:
+            check_norms, check_weights = plan.checks.push(step, row_norms.device, plan.vanishing_eligible)
+            check_norms.copy_(row_norms)
+            check_weights.copy_(plan.weight_norms)
+        self._last_step = step
+        self.last_norms = norms = StepNorms(plan.param_ids, row_norms, row_total)
+        self._totals.append(row_total)
+        actions = plan.actions
+        if not actions:
+            return True
+        total_host = None
+        if actions[-1][0] != "exploding":  # the exploding rule reads its buffered history instead
+            total_host = self._read_total(row_total)
+            if plan.world == 1 and math.isfinite(total_host):
+                return True
+        with torch.no_grad():
+            return self._decide(plan, step, optimizer, replay, row_total, GradStats(row_norms, row_total),
+                                row_norms.device, total_host)
 
     def _fast_norms(self, plan: _Plan, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The common step that does not log (a check step after the first log step too), every watched tensor with a
@@ -600,8 +644,16 @@ class GradientProbe:
 
         return self._decide(plan, step, optimizer, replay, stats.total, units, device)
 
+    def _read_total(self, total: torch.Tensor) -> float:
+        """The one host read per step that an action costs: the step's total norm (NaN/Inf in any gradient makes it
+        NaN/Inf)."""
+        total_host = total.item()
+        if self.last_norms is not None:
+            self.last_norms.total_host = total_host  # lets norm clipping skip a multiply by 1
+        return total_host
+
     def _decide(self, plan: _Plan, step: int, optimizer: Any, replay: Callable[[], Any] | None, total: torch.Tensor,
-                units: GradStats, device: torch.device) -> bool:
+                units: GradStats, device: torch.device, total_host: float | None = None) -> bool:
         """The actions (skip, stop, raise) decide on this very step; ``False``: the step is skipped."""
         checks = plan.actions
         if checks is None:
@@ -614,9 +666,8 @@ class GradientProbe:
         if checks[-1][0] == "exploding":  # the rule needs its history: read the buffered rows and replay them
             flags = self._drain().get(id(plan), {})
         else:  # NaN/Inf in any gradient makes the total norm NaN/Inf: one number decides
-            total_host = total.item()
-            if self.last_norms is not None:
-                self.last_norms.total_host = total_host  # lets norm clipping skip a multiply by 1
+            if total_host is None:
+                total_host = self._read_total(total)
             if math.isfinite(total_host) and plan.world == 1:
                 return True
             flags = {"nonfinite": not math.isfinite(total_host)}
@@ -710,7 +761,6 @@ class GradientProbe:
 
     # ---------------------------------------------------------------- the loss
 
-    @torch.no_grad()
     def observe_loss(self, step: int, loss: torch.Tensor | float | None) -> None:
         """The loss of the batch whose optimizer step(s) the probe just saw, for the spike rule (on the loss and on
         the total gradient norm of those steps together). No host read."""
@@ -794,12 +844,17 @@ class GradientProbe:
             self._loss_spike.update_many(host["loss/rows"], steps)
             for step, loss in zip(steps[-20:], host["loss/rows"][-20:, 0].tolist()):
                 self._note_recent(step, loss=loss)
+        self._trim_recent()
         return flags
 
     def _note_recent(self, step: int, **values: Any) -> None:
         self._recent.setdefault(int(step), {}).update(values)
-        while len(self._recent) > 20:  # the last steps, for the record of a run that crashes
-            del self._recent[min(self._recent)]
+
+    def _trim_recent(self) -> None:
+        """Keep the last 20 steps noted, for the record of a run that crashes."""
+        if len(self._recent) > 20:
+            for step in sorted(self._recent)[:-20]:
+                del self._recent[step]
 
     def recent_steps(self) -> dict[str, list[Any]] | None:
         """The last (up to 20) steps replayed: ``steps``, ``loss``, ``grad_norm_total``, ``nonfinite`` (what a

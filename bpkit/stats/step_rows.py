@@ -59,16 +59,26 @@ class StepRows:
         if self.buffer is None or (not self.steps and self.buffer.device != device):
             self.buffer = torch.empty(self.capacity, self.width, dtype=torch.float32, device=device)
             self._parts = []
-        i = len(self.steps)
         if len(self.steps) >= self.capacity:
             raise RuntimeError("StepRows is full: read it back and take() the rows first")
-        if i == len(self._parts):  # made once per row of the buffer, then reused
-            row = self.buffer[i]
-            self._parts.append(tuple(part.view(shape) for part, shape in zip(row.split(self.widths), self.shapes)))
-        parts = self._parts[i]
+        parts = self.next_row()
         self.steps.append(step)
         self.tags.append(tag)
         return parts
+
+    def next_row(self) -> tuple[torch.Tensor, ...]:
+        """The views of the next free row of the existing buffer, not yet taken: fill it, then :meth:`commit` it
+        (nothing is recorded if filling fails)."""
+        i = len(self.steps)
+        if i == len(self._parts):  # made once per row of the buffer, then reused
+            row = self.buffer[i]
+            self._parts.append(tuple(part.view(shape) for part, shape in zip(row.split(self.widths), self.shapes)))
+        return self._parts[i]
+
+    def commit(self, step: int, tag: Any = None) -> None:
+        """Take the row of :meth:`next_row` for ``step``."""
+        self.steps.append(step)
+        self.tags.append(tag)
 
     def pending(self) -> torch.Tensor | None:
         """The ``(rows, width)`` view of the rows written since the last :meth:`take`, or ``None``."""
