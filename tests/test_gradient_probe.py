@@ -234,3 +234,40 @@ def test_examples_run_as_scripts():
                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr
     assert "skipped steps: 1; weights finite: True" in out.stdout
+
+
+def test_losses_kept_as_tensors_and_written_rows_replay_in_step_order():
+    """The common step keeps its loss tensor until the read-back; other steps (a float loss, a micro-batch without
+    an optimizer step) write a row: the spike rule and the crash record see them all, in step order."""
+    from bpkit.detect import SpikeDetector
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = GradientProbe(model, log_every_n_steps=7, histograms=False)
+    reference = SpikeDetector(("loss", "grad_norm_total"))
+    fed = []
+    for step in range(30):
+        loss = _loss(model, step)
+        loss.backward()
+        probe.step(step, optimizer=opt)
+        total = probe.last_norms.total.item()
+        opt.step()
+        opt.zero_grad()
+        if step % 4 == 3:
+            probe.observe_loss(step, float(loss))  # a float: written into a row at once
+        elif step % 4 == 1:
+            probe.observe_loss(step, loss.double())  # not float32: written too
+        else:
+            probe.observe_loss(step, loss)  # kept as a tensor
+        fed.append((step, [float(loss), total]))
+        if probe.is_log_step(step):
+            probe.flush()
+    probe.flush()
+    for step, values in fed:
+        reference.update(values, step)
+    state = probe._loss_spike.state_dict()
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(state[key].double(), value.double(), rtol=1e-6), key
+    recent = probe.recent_steps()
+    assert recent["steps"] == list(range(10, 30))
+    assert recent["loss"] == pytest.approx([v[0] for _, v in fed[10:]], rel=1e-6)

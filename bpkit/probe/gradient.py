@@ -313,6 +313,8 @@ class GradientProbe:
         self._loss_spike: SpikeDetector | None = None if self._spike is None else \
             SpikeDetector(("loss", "grad_norm_total"), **self._spike)
         self._totals: list[torch.Tensor] = []
+        # the loss of each step and its total norm, kept as tensors until the next read-back: steps, losses, totals
+        self._loss_refs: tuple[list[int], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
         self._unused_after = 10  # steps with an exactly zero gradient before a tensor is called unused
         self._last_step = 0  # the step of the last optimizer step seen
         self._pending_step: int | None = None  # the step whose statistics wait to be flushed
@@ -767,6 +769,20 @@ class GradientProbe:
         if self._loss_spike is None:
             self._totals.clear()
             return
+        totals = self._totals
+        if (len(totals) == 1 and type(loss) is torch.Tensor and loss.dim() == 0 and loss.dtype == torch.float32
+                and loss.device == totals[0].device):
+            # the common case launches nothing: the loss tensor and the step's total norm (a view of its row) are
+            # kept and stacked at the next read-back (on a small model a copy right after the optimizer step costs
+            # tens of microseconds)
+            refs = self._loss_refs
+            if len(refs[0]) >= self._loss_rows.capacity:
+                self._drain()
+            refs[0].append(int(step))
+            refs[1].append(loss.detach())
+            refs[2].append(totals[0])
+            totals.clear()
+            return
         if isinstance(loss, (int, float)):
             loss = torch.tensor(float(loss))
         has_loss = isinstance(loss, torch.Tensor) and loss.numel() == 1
@@ -799,6 +815,9 @@ class GradientProbe:
                     out[f"{i}/{name}"] = rows.pending()
         if len(self._loss_rows):
             out["loss/rows"] = self._loss_rows.pending()
+        steps, losses, totals = self._loss_refs
+        if steps:
+            out["loss/refs"] = torch.stack([torch.stack(losses), torch.stack(totals)], dim=1)
         return out
 
     def _drain(self) -> dict[int, dict[str, bool]]:
@@ -839,13 +858,29 @@ class GradientProbe:
                         det["vanishing"].update(row[:width], row[width:], step, mask & plan.nonzero)
                     if "steady" in det:
                         det["steady"].update(row[:width], row[width:], step, mask)
-        if "loss/rows" in host:
-            steps, _ = self._loss_rows.take()
-            self._loss_spike.update_many(host["loss/rows"], steps)
-            for step, loss in zip(steps[-20:], host["loss/rows"][-20:, 0].tolist()):
+        if "loss/rows" in host or "loss/refs" in host:
+            steps, values = self._loss_steps(host)
+            self._loss_spike.update_many(values, steps)
+            for step, loss in zip(steps[-20:], values[-20:, 0].tolist()):
                 self._note_recent(step, loss=loss)
         self._trim_recent()
         return flags
+
+    def _loss_steps(self, host: Mapping[str, np.ndarray]) -> tuple[list[int], np.ndarray]:
+        """The read-back loss rows (written rows and kept references together), in step order."""
+        steps, values = [], []
+        if "loss/rows" in host:
+            steps += self._loss_rows.take()[0]
+            values.append(np.asarray(host["loss/rows"], dtype=np.float64).reshape(-1, 2))
+        if "loss/refs" in host:
+            steps += self._loss_refs[0]
+            values.append(np.asarray(host["loss/refs"], dtype=np.float64).reshape(-1, 2))
+            self._loss_refs = ([], [], [])
+        rows = np.concatenate(values) if len(values) > 1 else values[0]
+        if len(values) > 1:  # both kinds: back in step order (stable: a window's micro-batches keep theirs)
+            order = np.argsort(np.asarray(steps), kind="stable")
+            steps, rows = [steps[i] for i in order], rows[order]
+        return steps, rows
 
     def _note_recent(self, step: int, **values: Any) -> None:
         self._recent.setdefault(int(step), {}).update(values)
