@@ -271,3 +271,20 @@ def test_losses_kept_as_tensors_and_written_rows_replay_in_step_order():
     recent = probe.recent_steps()
     assert recent["steps"] == list(range(10, 30))
     assert recent["loss"] == pytest.approx([v[0] for _, v in fed[10:]], rel=1e-6)
+
+
+def test_a_loss_that_views_a_bigger_tensor_is_copied_not_kept():
+    model = _net()
+    probe = GradientProbe(model, log_every_n_steps=5, histograms=False)
+    per_sample = torch.arange(1.0, 1001.0)
+    _loss(model, 0).backward()
+    probe.step(0)
+    probe.observe_loss(0, per_sample[3])  # a 0-d view into 1000 floats
+    assert probe._loss_refs[1] == [] and len(probe._loss_rows) == 1
+    model.zero_grad()
+    _loss(model, 1).backward()
+    probe.step(1)
+    probe.observe_loss(1, per_sample[:5].mean())  # its own storage: kept until the read-back
+    assert len(probe._loss_refs[1]) == 1
+    probe.flush()
+    assert probe.recent_steps()["loss"] == [4.0, 3.0]

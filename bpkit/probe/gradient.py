@@ -771,12 +771,12 @@ class GradientProbe:
             return
         totals = self._totals
         if (len(totals) == 1 and type(loss) is torch.Tensor and loss.dim() == 0 and loss.dtype == torch.float32
-                and loss.device == totals[0].device):
+                and loss.device == totals[0].device and loss.untyped_storage().nbytes() <= 8):
             # the common case launches nothing: the loss tensor and the step's total norm (a view of its row) are
             # kept and stacked at the next read-back (on a small model a copy right after the optimizer step costs
-            # tens of microseconds)
+            # tens of microseconds). Not a loss that is a view into a bigger tensor: that would be kept alive too.
             refs = self._loss_refs
-            if len(refs[0]) >= self._loss_rows.capacity:
+            if len(refs[0]) >= self._loss_rows.capacity or (refs[1] and refs[1][0].device != loss.device):
                 self._drain()
             refs[0].append(int(step))
             refs[1].append(loss.detach())
