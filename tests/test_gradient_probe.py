@@ -288,3 +288,40 @@ def test_a_loss_that_views_a_bigger_tensor_is_copied_not_kept():
     assert len(probe._loss_refs[1]) == 1
     probe.flush()
     assert probe.recent_steps()["loss"] == [4.0, 3.0]
+
+
+def test_the_quick_step_path_gives_the_reference_norms_on_every_step(monkeypatch):
+    """Steps that neither log nor check take the short path (after the first log step): per-tensor norms, the total
+    (what a clipper reuses and the rules replay) equal a float64 reference on every step, and the path is taken."""
+    model, ref = _net(), _net().double()
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.SGD(ref.parameters(), lr=0.05)
+    probe = GradientProbe(model, log_every_n_steps=6, histograms=False, check_every_n_steps=4)
+    quick = []
+    original = GradientProbe._quick_step
+
+    def counted(self, *args):
+        result = original(self, *args)
+        quick.append(result is not None)
+        return result
+
+    monkeypatch.setattr(GradientProbe, "_quick_step", counted)
+    totals = []
+    for step in range(24):
+        _loss(model, step).backward()
+        g = torch.Generator().manual_seed(step)
+        ref(torch.randn(16, 5, generator=g).double()).pow(2).mean().backward()
+        assert probe.step(step, optimizer=opt) is True
+        norms = probe.last_norms
+        expected = [p.grad.norm().item() for p in ref.parameters()]
+        assert norms.per_tensor.tolist() == pytest.approx(expected, rel=1e-5)
+        totals.append(torch.cat([p.grad.flatten() for p in ref.parameters()]).norm().item())
+        assert norms.total.item() == pytest.approx(totals[-1], rel=1e-5)
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+        probe.observe_loss(step, _loss(model, 100 + step).detach())
+        if probe.is_log_step(step):
+            probe.flush()
+    probe.flush()
+    assert sum(quick) >= 12  # most steps after the first log step (5) are neither log steps nor early checks
+    assert probe.recent_steps()["grad_norm_total"] == pytest.approx(totals[-20:], rel=1e-5)
