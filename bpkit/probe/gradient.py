@@ -127,7 +127,7 @@ class _Plan:
         self.unused_flagged = np.zeros(len(self.units), dtype=bool)
         self.trainable: np.ndarray | None = None  # per unit at the pending log step; None: all
         self.present_masks: dict[tuple[bool, ...], tuple[torch.Tensor, np.ndarray]] = {}
-        self.fast: bool | None = None  # GradientProbe._fast_norms applies (None: not known yet)
+        self.fast: bool | None = None  # GradientProbe._quick_step applies (None: not known yet)
         self.checks_rules = True  # the vanishing or steady rule runs on check steps
         self.actions: list[tuple[str, str]] | None = None  # (rule, action) pairs that decide on the step itself
         self.world = 1  # processes that take the step's decisions together
@@ -497,7 +497,7 @@ class GradientProbe:
         return ok
 
     def _quick_step(self, step: int, optimizer: Any, replay: Callable[[], Any] | None) -> bool | None:
-        """The common step once its plan is known to be plain (:meth:`_fast_norms`): the norms into the step's row
+        """The common step once its plan is known to be plain (:meth:`_is_plain`): the norms into the step's row
         with as little Python as the kernels allow (on a small model the Python is most of the cost).
         ``None``: take the general path (a log, histogram or early check step, a changed optimizer, a gradient that
         is missing or of another kind, a full buffer)."""
@@ -528,7 +528,7 @@ class GradientProbe:
             check_norms.copy_(row_norms)
             check_weights.copy_(plan.weight_norms)
         self._last_step = step
-        self.last_norms = norms = StepNorms(plan.param_ids, row_norms, row_total)
+        self.last_norms = StepNorms(plan.param_ids, row_norms, row_total)
         self._totals.append(row_total)
         actions = plan.actions
         if not actions:
@@ -542,46 +542,26 @@ class GradientProbe:
             return self._decide(plan, step, optimizer, replay, row_total, GradStats(row_norms, row_total),
                                 row_norms.device, total_host)
 
-    def _fast_norms(self, plan: _Plan, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The common step that does not log (a check step after the first log step too), every watched tensor with a
-        plain dense gradient, on one device, per tensor: the norms straight into the step's row (the same three
-        kernels as :func:`grad_stats`, no per-tensor Python beyond reading ``.grad``). ``None``: the general path."""
-        every, hist_every = self.log_every_n_steps, self.histogram_every_n_steps
-        # a log step, or a histogram step of its own cadence (the default cadence's are log steps)
-        if plan.fast is False or (every and ((step + 1) % every == 0 or (
-                hist_every and self.histograms and (step + 1) % hist_every == 0))):
-            return None
-        # a check step compares with the weight norms of the last logging step: before the first, the general path
-        check = plan.checks_rules and step % self.check_every_n_steps == 0
-        if check and plan.weight_norms is None:
-            return None
-        grads = [p.grad for p in plan.params]
-        if not all(map(_is_not_none, grads)):
-            return None
-        device = grads[0].device
-        if plan.fast is None:  # decided once per plan (and again after each log step): the gradients' kind
+    @staticmethod
+    def _is_plain(plan: _Plan) -> bool:
+        """Does the short path (:meth:`_quick_step`) apply to this plan: every watched tensor with a plain dense
+        gradient on one device, per tensor (no grouping, every parameter watched)? Decided from the gradients once
+        per plan, and again after each step the general path takes; not decided while a gradient is missing."""
+        if plan.fast is None:
+            grads = [p.grad for p in plan.params]
+            if not all(map(_is_not_none, grads)):
+                return False
+            device = grads[0].device
             plan.fast = (not plan.grouped and plan.covers_all and _plain(grads) and _plain(plan.params)
                          and all(g.device == device and g.layout == torch.strided for g in grads))
-            if not plan.fast:
-                return None
-        if plan.rows.must_drain(device) or plan.checks.must_drain(device):
-            return None
-        row_norms, row_total = plan.rows.push(step, device)  # (the statistics of the step, written in place)
-        torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32), out=row_norms)
-        torch.linalg.vector_norm(row_norms, 2.0, out=row_total)
-        if check:
-            check_norms, check_weights = plan.checks.push(step, device, plan.vanishing_eligible)
-            check_norms.copy_(row_norms)
-            check_weights.copy_(plan.weight_norms)
-        return row_norms, row_total
+        return plan.fast
 
     def _step(self, plan: _Plan, step: int, optimizer: Any, replay: Callable[[], Any] | None) -> bool:
         self._last_step = step
-        fast = self._fast_norms(plan, step)
-        if fast is not None:
-            self.last_norms = StepNorms(plan.param_ids, fast[0], fast[1])
-            self._totals.append(fast[1])
-            return self._decide(plan, step, optimizer, replay, fast[1], GradStats(fast[0], fast[1]), fast[0].device)
+        if self._is_plain(plan):
+            ok = self._quick_step(step, optimizer, replay)
+            if ok is not None:
+                return ok
         plan.fast = None if plan.fast is not False else False
         present = tuple(p.grad is not None for p in plan.params)
         present_mask = None
@@ -876,11 +856,11 @@ class GradientProbe:
             steps += self._loss_refs[0]
             values.append(np.asarray(host["loss/refs"], dtype=np.float64).reshape(-1, 2))
             self._loss_refs = ([], [], [])
-        rows = np.concatenate(values) if len(values) > 1 else values[0]
-        if len(values) > 1:  # both kinds: back in step order (stable: a window's micro-batches keep theirs)
-            order = np.argsort(np.asarray(steps), kind="stable")
-            steps, rows = [steps[i] for i in order], rows[order]
-        return steps, rows
+        if len(values) == 1:
+            return steps, values[0]
+        # both kinds: back in step order (stable: a window's micro-batches keep theirs)
+        order = np.argsort(np.asarray(steps), kind="stable")
+        return [steps[i] for i in order], np.concatenate(values)[order]
 
     def _note_recent(self, step: int, **values: Any) -> None:
         self._recent.setdefault(int(step), {}).update(values)
